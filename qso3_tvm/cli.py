@@ -1,0 +1,104 @@
+"""`qso3-tvm`: a thin typer CLI. Each command parses flags, calls the API, and prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import QSO3Error
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Quantized SO(3)-equivariant force fields: train, quantize, compile with TVM, deploy.")
+
+
+def user_errors(fn):
+    """Turn QSO3Error (bad input) into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QSO3Error as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    data: str = typer.Option("ethanol", help="rMD17 molecule name or .npz path, 'qm9', or an .extxyz file"),
+    out: Path = typer.Option(Path("runs/model"), "-o", "--out", help="run directory (best.pt, last.pt, log.csv)"),
+    epochs: int = typer.Option(100),
+    batch_size: int = typer.Option(8),
+    lr: float = typer.Option(2e-3, help="peak learning rate (cosine decay)"),
+    energy_weight: float = typer.Option(1.0),
+    force_weight: float = typer.Option(100.0),
+    n_train: int = typer.Option(950),
+    n_val: int = typer.Option(50),
+    ema_decay: float = typer.Option(0.99),
+    channels: int = typer.Option(64),
+    layers: int = typer.Option(6),
+    heads: int = typer.Option(4),
+    cutoff: float = typer.Option(5.0),
+    attention: str = typer.Option("l2norm", help="l2norm (robust) or dot (plain scaled dot product)"),
+    seed: int = typer.Option(0),
+    max_minutes: float = typer.Option(0.0, help="wall-time budget (0: none)"),
+    threads: int = typer.Option(0, help="torch threads (0: default)"),
+    resume: bool = typer.Option(True, help="continue from OUT/last.pt if present"),
+):
+    """Train an fp32 model on energies and forces."""
+    from .model import ModelConfig
+    from .train import TrainConfig, train as run
+
+    if attention not in ("l2norm", "dot"):
+        raise QSO3Error(f"--attention must be 'l2norm' or 'dot', not {attention!r}")
+    cfg = TrainConfig(data=data, out=str(out), epochs=epochs, batch_size=batch_size, lr=lr,
+                      energy_weight=energy_weight, force_weight=force_weight, n_train=n_train, n_val=n_val,
+                      ema_decay=ema_decay, seed=seed, max_minutes=max_minutes, threads=threads)
+    model_cfg = ModelConfig(channels=channels, layers=layers, heads=heads, cutoff=cutoff, attention=attention)
+    summary = run(cfg, model_cfg, resume=resume)
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: str = typer.Argument("ethanol-fp32", help="checkpoint path or bundled model name"),
+    data: str = typer.Option(..., help="rMD17 .npz path or molecule name (test split)"),
+    lee_frames: int = typer.Option(100, help="frames used for LEE (evenly spaced)"),
+    max_frames: int = typer.Option(0, help="evaluate only the first N frames (0: all)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Energy MAE (meV), force MAE (meV/Å) and LEE (meV/Å) on a dataset."""
+    from .api import evaluate as run
+
+    result = run(model, data, lee_frames=lee_frames, max_frames=max_frames)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{result['model']} on {result['data']} ({result['n_frames']} frames, {result['precision']})")
+    typer.echo(f"  energy MAE  {result.get('energy_mae_mev', float('nan')):9.3f} meV")
+    typer.echo(f"  force MAE   {result.get('force_mae_mev_per_a', float('nan')):9.3f} meV/Å")
+    typer.echo(f"  LEE         {result['lee_mev_per_a']:9.4f} meV/Å  ({result['lee_frames']} frames)")
+
+
+@app.command()
+@user_errors
+def models():
+    """List the bundled models."""
+    from .checkpoint import BUNDLED, load_payload
+
+    for name in BUNDLED:
+        meta = load_payload(name).get("meta", {})
+        typer.echo(f"{name:16s} {json.dumps(meta)}")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

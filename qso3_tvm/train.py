@@ -1,0 +1,163 @@
+"""fp32 training on energies and forces: 950/50 split of the rMD17 train frames, EMA weights,
+best checkpoint by validation force MAE, resume after interrupt.
+
+Loss = w_e * mean((ΔE / n_atoms)²) + w_f * mean(ΔF²), in eV and eV/Å.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import atomic_save, model_payload, save_model
+from .data import Batch, MoleculeSet, load_dataset, make_batch
+from .errors import QSO3Error
+from .model import ModelConfig, So3krates, energy_and_forces, fit_energy_shift
+
+
+@dataclass
+class TrainConfig:
+    data: str = "ethanol"
+    out: str = "runs/ethanol"
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 2e-3
+    lr_min_factor: float = 0.02  # cosine decay to lr * this
+    energy_weight: float = 1.0
+    force_weight: float = 100.0
+    n_train: int = 950
+    n_val: int = 50
+    ema_decay: float = 0.99
+    seed: int = 0
+    max_minutes: float = 0.0  # stop after this wall time (0: no limit); the cosine still spans `epochs`
+    threads: int = 0  # torch threads (0: torch default)
+
+
+class Trainer:
+    """Holds model, EMA copy, optimizer and schedule; `fit` runs epochs and checkpoints each one."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, mols: MoleculeSet):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        if len(mols) < cfg.n_train + cfg.n_val:
+            raise QSO3Error(f"{cfg.data}: {len(mols)} frames, fewer than n_train + n_val = {cfg.n_train + cfg.n_val}")
+        perm = np.random.default_rng(cfg.seed).permutation(len(mols))
+        self.train_idx, self.val_idx = perm[:cfg.n_train], perm[cfg.n_train:cfg.n_train + cfg.n_val]
+        self.mols = mols
+        if mols.energies is None or mols.forces is None:
+            raise QSO3Error(f"{cfg.data}: training needs energies and forces")
+        if not model_cfg.energy_shift:
+            frames = [mols.frame(i)[0] for i in self.train_idx]
+            model_cfg.energy_shift = fit_energy_shift(frames, mols.energies[self.train_idx], model_cfg.species)
+            model_cfg.energy_scale = float(np.sqrt(np.mean(mols.forces ** 2)))
+        torch.manual_seed(cfg.seed)
+        self.model = So3krates(model_cfg)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0, amsgrad=True)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.epoch, self.best = 0, math.inf
+        self.val_batches = [self._batch(self.val_idx[i:i + 32]) for i in range(0, len(self.val_idx), 32)]
+
+    def _lr_factor(self, epoch: int) -> float:
+        t = min(epoch / max(self.cfg.epochs, 1), 1.0)
+        f = self.cfg.lr_min_factor
+        return f + (1 - f) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def _batch(self, idx) -> Batch:
+        return make_batch(self.mols, idx, self.model.cfg.species, self.model.cfg.cutoff)
+
+    def loss(self, model: So3krates, batch: Batch, create_graph: bool):
+        e, f = energy_and_forces(model, batch, create_graph=create_graph)
+        target_e = (batch.energy.double() - model.reference_energy(batch)).float()
+        n_atoms = batch.n_atoms.to(e.dtype)
+        loss_e = (((e - target_e) / n_atoms) ** 2).mean()
+        loss_f = ((f - batch.forces) ** 2).mean()
+        return self.cfg.energy_weight * loss_e + self.cfg.force_weight * loss_f, e - target_e, f - batch.forces
+
+    def train_epoch(self, bar) -> float:
+        self.model.train()
+        rng = np.random.default_rng(self.cfg.seed * 100_003 + self.epoch)
+        order = rng.permutation(self.train_idx)
+        total = 0.0
+        for i in range(0, len(order), self.cfg.batch_size):
+            loss, *_ = self.loss(self.model, self._batch(order[i:i + self.cfg.batch_size]), create_graph=True)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+            self.opt.step()
+            loss = loss.detach()
+            with torch.no_grad():
+                for pe, p in zip(self.ema.parameters(), self.model.parameters()):
+                    pe.lerp_(p, 1 - self.cfg.ema_decay)
+            total += float(loss)
+            bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+        self.sched.step()
+        return total / math.ceil(len(order) / self.cfg.batch_size)
+
+    def validate(self) -> tuple[float, float]:
+        """Validation MAE of the EMA model: energy (meV), forces (meV/Å)."""
+        de, df = [], []
+        for b in self.val_batches:
+            _, e_err, f_err = self.loss(self.ema, b, create_graph=False)
+            de.append(e_err.detach().abs()), df.append(f_err.detach().abs())
+        return float(torch.cat(de).mean() * 1e3), float(torch.cat(df).mean() * 1e3)
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "epoch": self.epoch, "best": self.best,
+                "config": self.model.cfg.to_dict(), "train": asdict(self.cfg)}
+
+    def load_state(self, st: dict) -> None:
+        self.model.load_state_dict(st["model"]), self.ema.load_state_dict(st["ema"])
+        self.opt.load_state_dict(st["opt"]), self.sched.load_state_dict(st["sched"])
+        self.epoch, self.best = st["epoch"], st["best"]
+
+    def fit(self) -> dict:
+        start = time.time()
+        log_path = self.out / "log.csv"
+        bar = tqdm(total=self.cfg.epochs, initial=self.epoch, desc="train", unit="epoch")
+        while self.epoch < self.cfg.epochs:
+            train_loss = self.train_epoch(bar)
+            self.epoch += 1
+            val_e, val_f = self.validate()
+            if val_f < self.best:
+                self.best = val_f
+                save_model(self.out / "best.pt", self.ema, epoch=self.epoch, val_energy_mae_mev=val_e,
+                           val_force_mae_mev_per_a=val_f, data=self.cfg.data)
+            atomic_save(self.state(), self.out / "last.pt")
+            new = not log_path.exists()
+            with open(log_path, "a", newline="") as fh:
+                w = csv.writer(fh)
+                if new:
+                    w.writerow(["epoch", "lr", "train_loss", "val_energy_mae_mev", "val_force_mae_mev_per_a", "seconds"])
+                w.writerow([self.epoch, self.sched.get_last_lr()[0], train_loss, val_e, val_f, time.time() - start])
+            bar.set_postfix(loss=f"{train_loss:.4g}", val_E=f"{val_e:.2f}", val_F=f"{val_f:.2f}")
+            bar.update(1)
+            if self.cfg.max_minutes and time.time() - start > 60 * self.cfg.max_minutes:
+                break
+        bar.close()
+        return {"epochs": self.epoch, "best_val_force_mae_mev_per_a": self.best, "seconds": time.time() - start}
+
+
+def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = True) -> dict:
+    """Train (or resume from out/last.pt) and return a summary; best EMA weights in out/best.pt."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    last = out / "last.pt"
+    mols = load_dataset(cfg.data, "train")
+    if resume and last.exists():
+        st = torch.load(last, map_location="cpu", weights_only=True)
+        trainer = Trainer(cfg, ModelConfig.from_dict(st["config"]), mols)
+        trainer.load_state(st)
+    else:
+        trainer = Trainer(cfg, model_cfg or ModelConfig(), mols)
+    out.mkdir(parents=True, exist_ok=True)
+    return trainer.fit()
