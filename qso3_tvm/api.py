@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .checkpoint import load_model
+from .checkpoint import load_model, precision
 from .data import load_dataset, validate
 from .metrics import evaluate_model
 
@@ -14,6 +14,6 @@ def evaluate(model: str, data: str, lee_frames: int = 100, max_frames: int = 0) 
     if max_frames:
         mols = mols.subset(range(min(max_frames, len(mols))))
     validate(mols, species=net.cfg.species, source=data)
-    result = {"model": str(model), "data": str(data), "precision": "fp32"}
+    result = {"model": str(model), "data": str(data), "precision": precision(net)}
     result.update(evaluate_model(net, mols, lee_frames=lee_frames))
     return result

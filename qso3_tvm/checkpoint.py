@@ -14,7 +14,7 @@ import torch
 from .errors import QSO3Error
 from .model import ModelConfig, So3krates
 
-BUNDLED = {"ethanol-fp32": "ethanol_fp32.pt"}
+BUNDLED = {"ethanol-fp32": "ethanol_fp32.pt", "ethanol-int8": "ethanol_int8.pt"}
 DEFAULT_MODEL = "ethanol-fp32"
 
 
@@ -28,7 +28,10 @@ def atomic_save(obj, path: str | Path) -> None:
 
 def model_payload(model: So3krates, **meta) -> dict:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {"format": "qso3-tvm/1", "config": model.cfg.to_dict(), "state_dict": state, "meta": meta}
+    payload = {"format": "qso3-tvm/1", "config": model.cfg.to_dict(), "state_dict": state, "meta": meta}
+    if getattr(model, "quant_cfg", None) is not None:
+        payload["quant"] = model.quant_cfg.to_dict()
+    return payload
 
 
 def save_model(path: str | Path, model: So3krates, **meta) -> None:
@@ -56,8 +59,25 @@ def load_payload(spec: str | Path) -> dict:
     return payload
 
 
+def build_model(config: dict, quant: dict | None = None) -> So3krates:
+    """An untrained model of a saved config; fake-quantized when a quant config is given."""
+    model = So3krates(ModelConfig.from_dict(config))
+    if quant is not None:
+        from .quant import QuantConfig, quantize_model
+
+        model = quantize_model(model, QuantConfig(**quant))
+    return model
+
+
+def precision(model: So3krates) -> str:
+    qcfg = getattr(model, "quant_cfg", None)
+    if qcfg is None:
+        return "fp32"
+    return f"w{qcfg.w_bits}a{qcfg.a_bits}-{qcfg.vector}"
+
+
 def load_model(spec: str | Path) -> So3krates:
     payload = load_payload(spec)
-    model = So3krates(ModelConfig.from_dict(payload["config"]))
+    model = build_model(payload["config"], payload.get("quant"))
     model.load_state_dict(payload["state_dict"])
     return model.eval()

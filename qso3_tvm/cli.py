@@ -69,6 +69,47 @@ def train(
 
 @app.command()
 @user_errors
+def quantize(
+    model: str = typer.Argument(..., help="fp32 checkpoint path or bundled model name"),
+    data: str = typer.Option("ethanol", help="rMD17 molecule name or .npz path (train split)"),
+    out: Path = typer.Option(..., "-o", "--out", help="run directory (best.pt is the quantized model)"),
+    epochs: int = typer.Option(30),
+    warmup_epochs: int = typer.Option(5, help="scalar-only epochs before vectors are quantized"),
+    staged: bool = typer.Option(True, help="--no-staged: quantize vectors from epoch 0"),
+    branch_separate: bool = typer.Option(True, help="--no-branch-separate: one learning rate for all"),
+    vector: str = typer.Option("mddq", help="vector features: mddq, naive (component-wise) or none"),
+    direction_grid: str = typer.Option("cube", help="MDDQ direction codes: cube (max-scaled) or sphere (fixed 1/127)"),
+    attention_quant: bool = typer.Option(True, help="int8 q̂, k̂ in attention"),
+    w_bits: int = typer.Option(8, help="weight bits: 8 (W8A8) or 4 (W4A8)"),
+    lr_scalar: float = typer.Option(3e-4),
+    lr_vector: float = typer.Option(1e-4),
+    lee_weight: float = typer.Option(0.0, help="weight of the LEE penalty (0: off)"),
+    rotate: bool = typer.Option(True, help="random rotation of each training batch"),
+    batch_size: int = typer.Option(8),
+    n_train: int = typer.Option(950),
+    n_val: int = typer.Option(50),
+    seed: int = typer.Option(0),
+    max_minutes: float = typer.Option(0.0, help="wall-time budget (0: none)"),
+    threads: int = typer.Option(0, help="torch threads (0: default)"),
+    resume: bool = typer.Option(True, help="continue from OUT/last.pt if present"),
+):
+    """Quantization-aware training (MDDQ, branch-separated, staged) from an fp32 checkpoint."""
+    from .quant import QuantConfig
+    from .train import TrainConfig, train_qat
+
+    if vector not in ("mddq", "naive", "none") or direction_grid not in ("cube", "sphere") or w_bits not in (4, 8):
+        raise QSO3Error("--vector must be mddq|naive|none, --direction-grid cube|sphere, --w-bits 4|8")
+    qcfg = QuantConfig(w_bits=w_bits, vector=vector, direction_grid=direction_grid, attention=attention_quant,
+                       staged=staged, warmup_epochs=warmup_epochs, branch_separate=branch_separate,
+                       lr_scalar=lr_scalar, lr_vector=lr_vector)
+    cfg = TrainConfig(data=data, out=str(out), epochs=epochs, batch_size=batch_size, lr=lr_scalar, n_train=n_train,
+                      n_val=n_val, seed=seed, max_minutes=max_minutes, threads=threads, rotate=rotate,
+                      lee_weight=lee_weight)
+    typer.echo(json.dumps(train_qat(cfg, model, qcfg, resume=resume)))
+
+
+@app.command()
+@user_errors
 def evaluate(
     model: str = typer.Argument("ethanol-fp32", help="checkpoint path or bundled model name"),
     data: str = typer.Option(..., help="rMD17 .npz path or molecule name (test split)"),

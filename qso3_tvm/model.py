@@ -77,8 +77,8 @@ class Hooks(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.scalar = nn.Identity()  # invariant activations (N, F)
-        self.vector = nn.Identity()  # l=1 features (N, 3, F)
+        self.scalar = nn.Identity()  # invariant node features passed to the next layer (N, F)
+        self.vector = nn.Identity()  # l=1 node features passed to the next layer (N, 3, F)
         self.query = nn.Identity()  # normalized q (E, H, d)
         self.key = nn.Identity()  # normalized k (E, H, d)
 
@@ -120,8 +120,8 @@ class InteractionLayer(nn.Module):
         val_s, val_r = self.value(s)[src].split(F, dim=-1)
         msg_s = alpha * phi_s * val_s
         msg_v = (alpha * phi_r * val_r)[:, None, :] * u[:, :, None] + (alpha * phi_v)[:, None, :] * self.vec_value(v)[src]
-        s = self.hooks.scalar(s + segment_sum(msg_s, dst, N))
-        v = self.hooks.vector(v + segment_sum(msg_v, dst, N))
+        s = s + segment_sum(msg_s, dst, N)  # neighbor sums stay in accumulator precision
+        v = v + segment_sum(msg_v, dst, N)
         uv, vv = self.vec_uv(v).split(F, dim=-1)
         a_vv, a_sv, a_ss = self.update(torch.cat([s, torch.sqrt((vv * vv).sum(1) + 1e-8)], -1)).split(F, dim=-1)
         v = self.hooks.vector(v + a_vv[:, None, :] * uv)

@@ -7,6 +7,7 @@ Loss = w_e * mean((ΔE / n_atoms)²) + w_f * mean(ΔF²), in eV and eV/Å.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import csv
 import math
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
 from .checkpoint import atomic_save, model_payload, save_model
@@ -39,28 +41,46 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float = 0.0  # stop after this wall time (0: no limit); the cosine still spans `epochs`
     threads: int = 0  # torch threads (0: torch default)
+    rotate: bool = False  # random rotation of every training batch (QAT: quantized models are not exactly equivariant)
+    lee_weight: float = 0.0  # weight of the LEE penalty mean ‖Rᵀ F(R x) − F(x)‖² (eV/Å)²
+
+
+def split_indices(cfg: TrainConfig, mols: MoleculeSet) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed-seed train/validation split (950/50 of the rMD17 train frames by default)."""
+    if len(mols) < cfg.n_train + cfg.n_val:
+        raise QSO3Error(f"{cfg.data}: {len(mols)} frames, fewer than n_train + n_val = {cfg.n_train + cfg.n_val}")
+    if mols.energies is None or mols.forces is None:
+        raise QSO3Error(f"{cfg.data}: training needs energies and forces")
+    perm = np.random.default_rng(cfg.seed).permutation(len(mols))
+    return perm[:cfg.n_train], perm[cfg.n_train:cfg.n_train + cfg.n_val]
+
+
+def fit_output_scaling(model_cfg: ModelConfig, mols: MoleculeSet, train_idx) -> None:
+    """Per-element energy shifts and the output scale (force RMS) from the training frames."""
+    frames = [mols.frame(i)[0] for i in train_idx]
+    model_cfg.energy_shift = fit_energy_shift(frames, mols.energies[train_idx], model_cfg.species)
+    model_cfg.energy_scale = float(np.sqrt(np.mean(mols.forces ** 2)))
+
+
+def rotate_batch(batch: Batch, rng: np.random.Generator | None = None, rot: torch.Tensor | None = None) -> Batch:
+    """The batch rotated by `rot` (or a random rotation) about the origin; forces rotate with it."""
+    if rot is None:
+        rot = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=batch.pos.dtype)
+    return dataclasses.replace(batch, pos=batch.pos @ rot.T,
+                               forces=None if batch.forces is None else batch.forces @ rot.T)
 
 
 class Trainer:
     """Holds model, EMA copy, optimizer and schedule; `fit` runs epochs and checkpoints each one."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, mols: MoleculeSet):
-        self.cfg, self.out = cfg, Path(cfg.out)
-        if len(mols) < cfg.n_train + cfg.n_val:
-            raise QSO3Error(f"{cfg.data}: {len(mols)} frames, fewer than n_train + n_val = {cfg.n_train + cfg.n_val}")
-        perm = np.random.default_rng(cfg.seed).permutation(len(mols))
-        self.train_idx, self.val_idx = perm[:cfg.n_train], perm[cfg.n_train:cfg.n_train + cfg.n_val]
-        self.mols = mols
-        if mols.energies is None or mols.forces is None:
-            raise QSO3Error(f"{cfg.data}: training needs energies and forces")
-        if not model_cfg.energy_shift:
-            frames = [mols.frame(i)[0] for i in self.train_idx]
-            model_cfg.energy_shift = fit_energy_shift(frames, mols.energies[self.train_idx], model_cfg.species)
-            model_cfg.energy_scale = float(np.sqrt(np.mean(mols.forces ** 2)))
-        torch.manual_seed(cfg.seed)
-        self.model = So3krates(model_cfg)
+    def __init__(self, cfg: TrainConfig, model: So3krates, mols: MoleculeSet, param_groups=None, on_epoch=None):
+        self.cfg, self.out, self.mols = cfg, Path(cfg.out), mols
+        self.train_idx, self.val_idx = split_indices(cfg, mols)
+        self.model = model
+        self.on_epoch = on_epoch or (lambda model, epoch: None)  # e.g. the QAT stage switch
+        self.on_epoch(self.model, 0)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0, amsgrad=True)
+        self.opt = torch.optim.AdamW(param_groups or self.model.parameters(), lr=cfg.lr, weight_decay=0.0, amsgrad=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.epoch, self.best = 0, math.inf
         self.val_batches = [self._batch(self.val_idx[i:i + 32]) for i in range(0, len(self.val_idx), 32)]
@@ -73,21 +93,31 @@ class Trainer:
     def _batch(self, idx) -> Batch:
         return make_batch(self.mols, idx, self.model.cfg.species, self.model.cfg.cutoff)
 
-    def loss(self, model: So3krates, batch: Batch, create_graph: bool):
+    def loss(self, model: So3krates, batch: Batch, create_graph: bool, rng: np.random.Generator | None = None):
+        if rng is not None and self.cfg.rotate:
+            batch = rotate_batch(batch, rng)
         e, f = energy_and_forces(model, batch, create_graph=create_graph)
         target_e = (batch.energy.double() - model.reference_energy(batch)).float()
         n_atoms = batch.n_atoms.to(e.dtype)
         loss_e = (((e - target_e) / n_atoms) ** 2).mean()
         loss_f = ((f - batch.forces) ** 2).mean()
-        return self.cfg.energy_weight * loss_e + self.cfg.force_weight * loss_f, e - target_e, f - batch.forces
+        total = self.cfg.energy_weight * loss_e + self.cfg.force_weight * loss_f
+        if rng is not None and self.cfg.lee_weight:
+            rot = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=f.dtype)
+            _, f_rot = energy_and_forces(model, rotate_batch(batch, rot=rot), create_graph=create_graph)
+            total = total + self.cfg.lee_weight * ((f_rot @ rot - f) ** 2).sum(-1).mean()
+        return total, e - target_e, f - batch.forces
 
     def train_epoch(self, bar) -> float:
+        self.on_epoch(self.model, self.epoch)
+        self.on_epoch(self.ema, self.epoch)
         self.model.train()
         rng = np.random.default_rng(self.cfg.seed * 100_003 + self.epoch)
         order = rng.permutation(self.train_idx)
         total = 0.0
         for i in range(0, len(order), self.cfg.batch_size):
-            loss, *_ = self.loss(self.model, self._batch(order[i:i + self.cfg.batch_size]), create_graph=True)
+            batch = self._batch(order[i:i + self.cfg.batch_size])
+            loss, *_ = self.loss(self.model, batch, create_graph=True, rng=rng)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
@@ -112,12 +142,14 @@ class Trainer:
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(), "epoch": self.epoch, "best": self.best,
-                "config": self.model.cfg.to_dict(), "train": asdict(self.cfg)}
+                "config": self.model.cfg.to_dict(), "train": asdict(self.cfg),
+                "quant": model_payload(self.model).get("quant")}
 
     def load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"]), self.ema.load_state_dict(st["ema"])
         self.opt.load_state_dict(st["opt"]), self.sched.load_state_dict(st["sched"])
         self.epoch, self.best = st["epoch"], st["best"]
+        self.on_epoch(self.model, self.epoch), self.on_epoch(self.ema, self.epoch)
 
     def fit(self) -> dict:
         start = time.time()
@@ -147,17 +179,51 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = True) -> dict:
-    """Train (or resume from out/last.pt) and return a summary; best EMA weights in out/best.pt."""
+    """Train fp32 (or resume from out/last.pt) and return a summary; best EMA weights in out/best.pt."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    last = out / "last.pt"
     mols = load_dataset(cfg.data, "train")
-    if resume and last.exists():
-        st = torch.load(last, map_location="cpu", weights_only=True)
-        trainer = Trainer(cfg, ModelConfig.from_dict(st["config"]), mols)
-        trainer.load_state(st)
+    last = Path(cfg.out) / "last.pt"
+    state = torch.load(last, map_location="cpu", weights_only=True) if resume and last.exists() else None
+    if state is not None:
+        model_cfg = ModelConfig.from_dict(state["config"])
     else:
-        trainer = Trainer(cfg, model_cfg or ModelConfig(), mols)
-    out.mkdir(parents=True, exist_ok=True)
+        model_cfg = model_cfg or ModelConfig()
+        fit_output_scaling(model_cfg, mols, split_indices(cfg, mols)[0])
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, So3krates(model_cfg), mols)
+    if state is not None:
+        trainer.load_state(state)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return trainer.fit()
+
+
+def train_qat(cfg: TrainConfig, fp32_model: str, qcfg, resume: bool = True) -> dict:
+    """Quantization-aware training from an fp32 checkpoint (see qso3_tvm.quant); best EMA in out/best.pt."""
+    from .checkpoint import build_model, load_model
+    from .quant import param_groups, quantize_model, set_stage
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    mols = load_dataset(cfg.data, "train")
+    train_idx, _ = split_indices(cfg, mols)
+    last = Path(cfg.out) / "last.pt"
+    state = torch.load(last, map_location="cpu", weights_only=True) if resume and last.exists() else None
+    if state is not None:
+        model = build_model(state["config"], state["quant"])
+    else:
+        base = load_model(fp32_model)
+        if getattr(base, "quant_cfg", None) is not None:
+            raise QSO3Error(f"{fp32_model} is already quantized: quantize starts from an fp32 checkpoint")
+        model = quantize_model(base, qcfg)
+        with torch.no_grad():  # calibrate every quantizer's step on training frames before staging
+            batch = make_batch(mols, train_idx[:32], model.cfg.species, model.cfg.cutoff)
+            model(batch.species, batch.pos, batch.mol, batch.src, batch.dst, batch.n_mol)
+    qcfg = model.quant_cfg
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, model, mols, param_groups=param_groups(model, qcfg),
+                      on_epoch=lambda m, epoch: set_stage(m, epoch, qcfg))
+    if state is not None:
+        trainer.load_state(state)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     return trainer.fit()

@@ -1,0 +1,287 @@
+"""Equivariance-preserving quantization: LSQ scalars, MDDQ vectors, fixed-grid attention, staged QAT.
+
+Integer semantics (what the compiled int8 code reproduces; rounding is floor(x + 0.5) everywhere):
+  LSQ      q = clamp(floor(x / s + 0.5), qmin, qmax),  x̃ = q · s          s: learned step (> 0)
+           signed: qmin = -qmax, qmax = 2^(b-1) - 1 (int8: ±127, int4: ±7); unsigned: [0, 2^b - 1]
+  MDDQ     r = sqrt(|v|² + ε²), u = v / r                                   ε = 1e-6 (zero-vector guard)
+           r_q = LSQ_unsigned8(r)  (per channel step)      d = floor(127 u / m + 0.5)  (int8 per component)
+           m = max_x |u_x| ("cube" grid, default) or m = 1 (the paper's fixed "sphere" grid)
+           ṽ = r_q · d / sqrt(|d|² + ε²)                   renormalized: the orientation survives
+  attention q̂, k̂ (unit vectors per head) -> floor(127 q̂ + 0.5); logit = τ · (q_int · k_int) / 127²
+
+Why MDDQ keeps symmetry: |v| is rotation invariant, so its quantization commutes with rotations
+exactly; only the direction sees the Cartesian grid, with angular error at most
+asin(√3 / 254) = 0.391° (each component is off by at most 1/254; renormalizing does not change the
+angle). Scaling the largest component to ±127 before rounding ("cube" grid, the default) keeps
+the int8 codes and lowers the bound to asin(√2 / 254) = 0.319°. Component-wise (naive) int8 instead
+moves small vectors by up to √3·s/2, any angle.
+
+Which tensors are quantized (QuantConfig defaults):
+  int8 (int4 with w_bits=4): the weights of every nn.Linear (per output channel, learned step).
+  int8 activations: the input of every scalar-branch Linear (per tensor, learned step; the radial
+    basis input is unsigned), the vector features after each residual update (MDDQ), q̂ and k̂.
+  higher precision, and why: biases (added in the int32 accumulator domain, scale s_x·s_w, simulated
+    in float); the species embedding (a 5×64 lookup table, no arithmetic); edge geometry (distances,
+    unit vectors, radial basis, cutoff: the inputs whose precision decides force accuracy); softmax
+    (exp and normalization) and the neighbor sums (accumulators); the per-element energy shifts.
+  vector-branch Linears (channel mixing of l=1 features) take the MDDQ-decoded vectors: their
+    weights are int8 but their inputs are not re-quantized component-wise, which would undo MDDQ.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .model import InteractionLayer, So3krates
+
+MDDQ_EPS = 1e-6
+DIRECTION_LEVELS = 127
+MDDQ_MAX_ANGLE_DEG = {"sphere": math.degrees(math.asin(math.sqrt(3) / (2 * DIRECTION_LEVELS))),  # 0.391°
+                      "cube": math.degrees(math.asin(math.sqrt(2) / (2 * DIRECTION_LEVELS)))}  # 0.319°
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """floor(x + 0.5) forward, identity gradient (straight-through)."""
+    return x + (torch.floor(x + 0.5) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    return x * g + (x - x * g).detach()
+
+
+class LSQ(nn.Module):
+    """Learned-step-size fake quantizer (Esser et al. 2020). `channels` > 1: one step per channel
+    along `channel_dim`; the step is initialized from the first tensor it sees (calibration)."""
+
+    def __init__(self, bits: int = 8, signed: bool = True, channels: int = 1, channel_dim: int = -1,
+                 init: str = "lsq"):
+        super().__init__()
+        self.bits, self.signed, self.channel_dim, self.init = bits, signed, channel_dim, init
+        self.qmax = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+        self.qmin = -self.qmax if signed else 0
+        self.step = nn.Parameter(torch.ones(channels))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.enabled = True
+
+    def _shape(self, x: torch.Tensor) -> list[int]:
+        shape = [1] * x.dim()
+        if self.step.numel() > 1:
+            shape[self.channel_dim] = self.step.numel()
+        return shape
+
+    def _reduce_dims(self, x: torch.Tensor) -> list[int]:
+        dims = list(range(x.dim()))
+        if self.step.numel() > 1:
+            dims.remove(self.channel_dim % x.dim())
+        return dims
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        a = x.detach().abs()
+        dims = self._reduce_dims(x)
+        if self.init == "max":  # weights: no clipping at the start
+            s = a.amax(dim=dims) / self.qmax
+        else:  # activations: LSQ's 2·E|x|/sqrt(qmax)
+            s = 2 * a.mean(dim=dims) / math.sqrt(self.qmax)
+        self.step.copy_(s.reshape(-1).clamp(min=1e-8).expand_as(self.step))
+        self.initialized.fill_(True)
+
+    def scale(self) -> torch.Tensor:
+        return self.step.abs().clamp(min=1e-8)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integers, as float tensors (exact for |q| < 2^24)."""
+        s = self.scale().reshape(self._shape(x))
+        return torch.clamp(torch.floor(x / s + 0.5), self.qmin, self.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not bool(self.initialized):
+            self.calibrate(x)
+        n = x.numel() / max(self.step.numel(), 1)
+        s = grad_scale(self.scale(), 1.0 / math.sqrt(max(n * self.qmax, 1.0))).reshape(self._shape(x))
+        return round_ste(torch.clamp(x / s, self.qmin, self.qmax)) * s
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, channels={self.step.numel()}"
+
+
+class FixedGrid(nn.Module):
+    """int8 on the fixed grid step 1/127, for components known to lie in [-1, 1] (unit vectors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return round_ste(x.clamp(-1.0, 1.0) * DIRECTION_LEVELS) / DIRECTION_LEVELS
+
+
+def direction_codes(u: torch.Tensor, grid: str) -> torch.Tensor:
+    """int8 direction codes of unit vectors u (..., 3, F) along dim -2, straight-through."""
+    if grid == "cube":  # scale the largest component to ±127: same int8 codes, finer angles
+        u = u / u.abs().amax(-2, keepdim=True).clamp(min=MDDQ_EPS)
+    return round_ste(u * DIRECTION_LEVELS)
+
+
+class MDDQ(nn.Module):
+    """Magnitude–direction decoupled quantization of l=1 features (N, 3, F).
+
+    grid "sphere": the paper's fixed grid, d = floor(127 u + 0.5), angle error <= 0.391°.
+    grid "cube": d = floor(127 u / max|u_x| + 0.5); the largest component is exactly ±127, so
+    only two components carry rounding error and |127 u / max|u_x|| >= 127:
+    angle error <= asin(√2 / 254) = 0.319°, and typically ~1.7× smaller than "sphere".
+    """
+
+    def __init__(self, channels: int, bits: int = 8, grid: str = "cube"):
+        super().__init__()
+        self.magnitude = LSQ(bits, signed=False, channels=channels)
+        self.grid = grid
+        self.enabled = True
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return v
+        r = torch.sqrt((v * v).sum(1) + MDDQ_EPS**2)  # (N, F)
+        d = direction_codes(v / r[:, None, :], self.grid)  # int8 codes, |d_x| <= 127
+        unit = d * torch.rsqrt((d * d).sum(1, keepdim=True) + MDDQ_EPS**2)
+        return self.magnitude(r)[:, None, :] * unit
+
+
+class NaiveVector(nn.Module):
+    """Baseline: component-wise int8 of l=1 features, one learned step per tensor."""
+
+    def __init__(self, bits: int = 8):
+        super().__init__()
+        self.q = LSQ(bits, signed=True)
+        self.enabled = True
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.q(v) if self.enabled else v
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear with per-output-channel weight quantization and an optional input quantizer."""
+
+    def __init__(self, linear: nn.Linear, w_bits: int, act: nn.Module | None):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.load_state_dict(linear.state_dict())
+        self.w_quant = LSQ(w_bits, signed=True, channels=linear.out_features, channel_dim=0, init="max")
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act(x), self.w_quant(self.weight), self.bias)
+
+
+@dataclass
+class QuantConfig:
+    w_bits: int = 8  # 8: int8 weights; 4: W4A8
+    a_bits: int = 8
+    vector: str = "mddq"  # "mddq" | "naive" | "none"
+    direction_grid: str = "cube"  # MDDQ direction codes: "cube" (max-scaled) or "sphere" (fixed 1/127 grid)
+    attention: bool = True  # fixed-grid int8 q̂, k̂ (l2norm models); per-tensor LSQ on q, k (dot models)
+    staged: bool = True  # scalars first, vectors after warmup_epochs
+    warmup_epochs: int = 5
+    branch_separate: bool = True  # own quantizers and learning rates per branch
+    lr_scalar: float = 3e-4
+    lr_vector: float = 1e-4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+VECTOR_LINEARS = ("vec_value", "vec_uv")
+
+
+def _act(cfg: QuantConfig, signed: bool = True) -> LSQ:
+    return LSQ(cfg.a_bits, signed=signed)
+
+
+def _quantize_mlp(seq: nn.Sequential, cfg: QuantConfig, first_signed: bool = True) -> None:
+    seq[0] = QuantLinear(seq[0], cfg.w_bits, _act(cfg, first_signed))
+    seq[2] = QuantLinear(seq[2], cfg.w_bits, _act(cfg))
+
+
+def _quantize_layer(layer: InteractionLayer, cfg: QuantConfig) -> None:
+    F_ = layer.F
+    for name in ("q", "k", "value"):
+        setattr(layer, name, QuantLinear(getattr(layer, name), cfg.w_bits, _act(cfg)))
+    _quantize_mlp(layer.filter, cfg, first_signed=False)  # radial basis × cutoff >= 0
+    _quantize_mlp(layer.update, cfg)
+    for name in VECTOR_LINEARS:  # inputs are MDDQ-decoded vectors (see module docstring)
+        setattr(layer, name, QuantLinear(getattr(layer, name), cfg.w_bits, None))
+    if cfg.vector == "mddq":
+        layer.hooks.vector = MDDQ(F_, cfg.a_bits, cfg.direction_grid)
+    elif cfg.vector == "naive":
+        layer.hooks.vector = NaiveVector(cfg.a_bits)
+    if cfg.attention:
+        if layer.attention == "l2norm":
+            layer.hooks.query, layer.hooks.key = FixedGrid(), FixedGrid()
+        else:  # unbounded q, k: per-tensor learned step
+            layer.hooks.query, layer.hooks.key = _act(cfg), _act(cfg)
+
+
+def quantize_model(model: So3krates, cfg: QuantConfig) -> So3krates:
+    """A fake-quantized copy of an fp32 model (quantizer steps calibrate on the first forward)."""
+    if cfg.vector not in ("mddq", "naive", "none"):
+        raise ValueError(f"vector quantization must be mddq, naive or none, not {cfg.vector!r}")
+    q = copy.deepcopy(model)
+    for layer in q.layers:
+        _quantize_layer(layer, cfg)
+    _quantize_mlp(q.head, cfg)
+    q.quant_cfg = cfg
+    return q.to(next(model.parameters()).dtype)
+
+
+def is_vector_quantizer(name: str, module: nn.Module) -> bool:
+    return isinstance(module, (MDDQ, NaiveVector)) or (
+        isinstance(module, LSQ) and any(f".{v}.w_quant" in "." + name for v in VECTOR_LINEARS))
+
+
+def quantizers(model: nn.Module):
+    """(name, module, branch) for every quantizer; branch is 'scalar' or 'vector'."""
+    for name, m in model.named_modules():
+        if isinstance(m, (LSQ, FixedGrid, MDDQ, NaiveVector)) and not name.endswith((".magnitude", ".q")):
+            yield name, m, "vector" if is_vector_quantizer(name, m) else "scalar"
+
+
+def set_stage(model: nn.Module, epoch: int, cfg: QuantConfig) -> str:
+    """Staged QAT: scalar quantizers always on; vector quantizers from epoch `warmup_epochs` on."""
+    vectors_on = not cfg.staged or epoch >= cfg.warmup_epochs
+    for _, m, branch in quantizers(model):
+        m.enabled = branch == "scalar" or vectors_on
+    return "scalar+vector" if vectors_on else "scalar"
+
+
+def param_groups(model: nn.Module, cfg: QuantConfig) -> list[dict]:
+    """Vector-branch parameters (vector Linears, MDDQ steps) get lr_vector when branches are separate."""
+    if not cfg.branch_separate:
+        return [{"params": list(model.parameters()), "lr": cfg.lr_scalar}]
+    vector_prefixes = [n + "." for n, m, b in quantizers(model) if b == "vector"]
+    vector_prefixes += [f"layers.{i}.{v}." for i in range(len(model.layers)) for v in VECTOR_LINEARS]
+    vec, sca = [], []
+    for name, p in model.named_parameters():
+        (vec if any(name.startswith(pre) for pre in vector_prefixes) else sca).append(p)
+    return [{"params": sca, "lr": cfg.lr_scalar}, {"params": vec, "lr": cfg.lr_vector}]
+
+
+def weight_bytes(model: So3krates) -> int:
+    """Bytes of stored weights: quantized Linear weights at their bit width plus float32 steps,
+    everything else (biases, embedding, temperatures, activation steps) at 4 bytes."""
+    total = 0
+    for name, p in model.named_parameters():
+        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if isinstance(owner, QuantLinear) and name.endswith(".weight"):
+            total += math.ceil(p.numel() * owner.w_quant.bits / 8)
+        else:
+            total += 4 * p.numel()
+    return total
