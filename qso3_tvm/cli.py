@@ -143,3 +143,7 @@ def models():
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # python -m qso3_tvm.cli
+    app()

@@ -222,9 +222,13 @@ def load_extxyz(path: str | Path) -> MoleculeSet:
 
 
 def load_dataset(spec: str, split: str = "train") -> MoleculeSet:
-    """Dispatch on the spec: 'qm9', an .xyz/.extxyz file, or an rMD17 molecule/npz."""
+    """Dispatch on the spec: 'qm9', an .xyz/.extxyz file, or an rMD17 molecule/npz.
+    QM9 'train' is the standard train+validation pool (120k), 'test' the standard test split."""
     if spec == "qm9":
-        return load_qm9()
+        mols = load_qm9()
+        parts = qm9_split(len(mols))
+        idx = parts["test"] if split == "test" else np.concatenate([parts["train"], parts["val"]])
+        return mols.subset(np.sort(idx))
     if Path(spec).suffix in (".xyz", ".extxyz"):
         return load_extxyz(spec)
     return load_rmd17(spec, split)

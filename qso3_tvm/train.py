@@ -49,8 +49,8 @@ def split_indices(cfg: TrainConfig, mols: MoleculeSet) -> tuple[np.ndarray, np.n
     """The fixed-seed train/validation split (950/50 of the rMD17 train frames by default)."""
     if len(mols) < cfg.n_train + cfg.n_val:
         raise QSO3Error(f"{cfg.data}: {len(mols)} frames, fewer than n_train + n_val = {cfg.n_train + cfg.n_val}")
-    if mols.energies is None or mols.forces is None:
-        raise QSO3Error(f"{cfg.data}: training needs energies and forces")
+    if mols.energies is None:
+        raise QSO3Error(f"{cfg.data}: training needs energies")
     perm = np.random.default_rng(cfg.seed).permutation(len(mols))
     return perm[:cfg.n_train], perm[cfg.n_train:cfg.n_train + cfg.n_val]
 
@@ -59,7 +59,13 @@ def fit_output_scaling(model_cfg: ModelConfig, mols: MoleculeSet, train_idx) -> 
     """Per-element energy shifts and the output scale (force RMS) from the training frames."""
     frames = [mols.frame(i)[0] for i in train_idx]
     model_cfg.energy_shift = fit_energy_shift(frames, mols.energies[train_idx], model_cfg.species)
-    model_cfg.energy_scale = float(np.sqrt(np.mean(mols.forces ** 2)))
+    if mols.forces is not None:
+        model_cfg.energy_scale = float(np.sqrt(np.mean(mols.forces ** 2)))
+    else:  # energy-only data (QM9): RMS of the per-atom residual after the shifts
+        shift = np.array(model_cfg.energy_shift)
+        resid = [(mols.energies[i] - shift[np.searchsorted(model_cfg.species, z)].sum()) / len(z)
+                 for i, z in zip(train_idx, frames)]
+        model_cfg.energy_scale = float(np.sqrt(np.mean(np.square(resid))))
 
 
 def rotate_batch(batch: Batch, rng: np.random.Generator | None = None, rot: torch.Tensor | None = None) -> Batch:
@@ -96,6 +102,10 @@ class Trainer:
     def loss(self, model: So3krates, batch: Batch, create_graph: bool, rng: np.random.Generator | None = None):
         if rng is not None and self.cfg.rotate:
             batch = rotate_batch(batch, rng)
+        if batch.forces is None:  # energy-only data
+            e = model(batch.species, batch.pos, batch.mol, batch.src, batch.dst, batch.n_mol)
+            target_e = (batch.energy.double() - model.reference_energy(batch)).float()
+            return self.cfg.energy_weight * (((e - target_e) / batch.n_atoms) ** 2).mean(), e - target_e, e.new_zeros(0)
         e, f = energy_and_forces(model, batch, create_graph=create_graph)
         target_e = (batch.energy.double() - model.reference_energy(batch)).float()
         n_atoms = batch.n_atoms.to(e.dtype)
@@ -137,7 +147,8 @@ class Trainer:
         for b in self.val_batches:
             _, e_err, f_err = self.loss(self.ema, b, create_graph=False)
             de.append(e_err.detach().abs()), df.append(f_err.detach().abs())
-        return float(torch.cat(de).mean() * 1e3), float(torch.cat(df).mean() * 1e3)
+        val_f = float(torch.cat(df).mean() * 1e3) if self.mols.forces is not None else math.nan
+        return float(torch.cat(de).mean() * 1e3), val_f
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
@@ -159,8 +170,9 @@ class Trainer:
             train_loss = self.train_epoch(bar)
             self.epoch += 1
             val_e, val_f = self.validate()
-            if val_f < self.best:
-                self.best = val_f
+            score = val_f if self.mols.forces is not None else val_e  # energy-only data: select on energy
+            if score < self.best:
+                self.best = score
                 save_model(self.out / "best.pt", self.ema, epoch=self.epoch, val_energy_mae_mev=val_e,
                            val_force_mae_mev_per_a=val_f, data=self.cfg.data)
             atomic_save(self.state(), self.out / "last.pt")
@@ -175,7 +187,8 @@ class Trainer:
             if self.cfg.max_minutes and time.time() - start > 60 * self.cfg.max_minutes:
                 break
         bar.close()
-        return {"epochs": self.epoch, "best_val_force_mae_mev_per_a": self.best, "seconds": time.time() - start}
+        key = "best_val_force_mae_mev_per_a" if self.mols.forces is not None else "best_val_energy_mae_mev"
+        return {"epochs": self.epoch, key: self.best, "seconds": time.time() - start}
 
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = True) -> dict:

@@ -1,0 +1,143 @@
+"""Reproduce the tables in reports/: each row runs (or resumes) the exact CLI command it prints.
+
+    python -m qso3_tvm.experiments accuracy --runs runs
+    python -m qso3_tvm.experiments quantization --molecule ethanol --runs runs --qflags "--epochs 15"
+
+Runs that finished are not repeated (train/quantize resume from RUN/last.pt); evaluation is always rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from .checkpoint import load_model
+from .quant import weight_bytes
+
+
+def run_cli(args: list[str]) -> str:
+    cmd = ["qso3-tvm"] + args
+    print("$", shlex.join(cmd), flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode:
+        raise SystemExit(f"command failed ({proc.returncode}): {shlex.join(cmd)}")
+    return proc.stdout
+
+
+def evaluate_json(model: str, data: str, extra: list[str] = ()) -> tuple[dict, str]:
+    args = ["evaluate", model, "--data", data, "--json", *extra]
+    return json.loads(run_cli(args)), "qso3-tvm " + shlex.join(args)
+
+
+def training_seconds(run: Path) -> float:
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    return float(rows[-1]["seconds"]) if rows else float("nan")
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    return "n/a" if x is None or x != x else f"{x:.{digits}f}"
+
+
+# ---------------------------------------------------------------- quantization ablation
+def ablation_rows(molecule: str, runs: Path, common: list[str]) -> list[tuple[str, str | None, list[str]]]:
+    """(row name, fp32 base checkpoint, quantize flags) — None flags: the fp32 row itself."""
+    l2, dot = str(runs / f"{molecule}_fp32" / "best.pt"), str(runs / f"{molecule}_dot_fp32" / "best.pt")
+    return [
+        ("fp32", l2, None),
+        ("naive int8 (component-wise vectors, plain attention, no staging)", dot,
+         common + ["--vector", "naive", "--no-staged", "--no-branch-separate"]),
+        ("full method: MDDQ + branch-separated staged QAT + L2-normalized attention", l2, common),
+        ("full − MDDQ (component-wise vectors)", l2, common + ["--vector", "naive"]),
+        ("full − branch separation/staging", l2, common + ["--no-staged", "--no-branch-separate"]),
+        ("full − attention normalization (plain dot product)", dot, common),
+        ("full, paper's fixed direction grid (sphere)", l2, common + ["--direction-grid", "sphere"]),
+        ("W4A8 (full method, 4-bit weights)", l2, common + ["--w-bits", "4"]),
+    ]
+
+
+def quantization_report(molecule: str, runs: Path, common: list[str], lee_frames: int, max_frames: int,
+                        only: list[int] | None) -> list[dict]:
+    data = molecule
+    results = []
+    for i, (name, base, flags) in enumerate(ablation_rows(molecule, runs, common)):
+        if only and i not in only:
+            continue
+        if not Path(base).exists():
+            print(f"skip {name!r}: fp32 base {base} missing", flush=True)
+            continue
+        commands = []
+        if flags is None:
+            model_path, run = base, Path(base).parent
+        else:
+            run = runs / f"{molecule}_q{i}"
+            args = ["quantize", base, "--data", data, "-o", str(run), "--threads", "1", *flags]
+            run_cli(args)
+            commands.append("qso3-tvm " + shlex.join(args))
+            model_path = str(run / "best.pt")
+        metrics, cmd = evaluate_json(model_path, data, ["--lee-frames", str(lee_frames), "--max-frames", str(max_frames)])
+        commands.append(cmd)
+        results.append({"row": name, **metrics, "weight_bytes": weight_bytes(load_model(model_path)),
+                        "train_seconds": training_seconds(run), "commands": commands})
+    return results
+
+
+def write_quantization_md(path: Path, blocks: dict[str, list[dict]], header: str) -> None:
+    lines = [header, ""]
+    for molecule, rows in blocks.items():
+        lines += [f"## {molecule}", "",
+                  "| row | precision | E MAE (meV) | F MAE (meV/Å) | LEE (meV/Å) | weight bytes | train time (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['row']} | {r['precision']} | {fmt(r.get('energy_mae_mev'))} | "
+                         f"{fmt(r.get('force_mae_mev_per_a'))} | {fmt(r['lee_mev_per_a'], 3)} | {r['weight_bytes']:,} | "
+                         f"{fmt(r['train_seconds'], 0)} |")
+        lines += ["", "Commands:", ""]
+        for r in rows:
+            lines += [f"- {r['row']}:"] + [f"  `{c}`" for c in r["commands"]]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m qso3_tvm.experiments")
+    sub = p.add_subparsers(dest="what", required=True)
+    q = sub.add_parser("quantization")
+    q.add_argument("--molecule", default="ethanol")
+    q.add_argument("--runs", type=Path, default=Path("runs"))
+    q.add_argument("--qflags", default="--epochs 15", help="flags for every quantize command")
+    q.add_argument("--lee-frames", type=int, default=100)
+    q.add_argument("--max-frames", type=int, default=0)
+    q.add_argument("--rows", type=int, nargs="*", help="row indices to run (default all)")
+    q.add_argument("--json", type=Path, help="write/merge results here")
+    args = p.parse_args(argv)
+    if args.what == "quantization":
+        rows = quantization_report(args.molecule, args.runs, shlex.split(args.qflags), args.lee_frames, args.max_frames, args.rows)
+        out = args.json or Path(f"reports/quantization_{args.molecule}.json")
+        old = json.loads(out.read_text()) if out.exists() else []
+        names = {r["row"] for r in rows}
+        merged = [r for r in old if r["row"] not in names] + rows
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(merged, indent=1))
+        os.replace(tmp, out)
+        json.dump(rows, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+    main()
