@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .checkpoint import load_model, precision
 from .data import load_dataset, validate
-from .metrics import evaluate_model
+from .metrics import error_metrics, evaluate_model, lee_metric
+from .runtime import MANIFEST, CompiledModel
 
 
 def evaluate(model: str, data: str, lee_frames: int = 100, max_frames: int = 0) -> dict:
-    """Energy/force MAE and LEE of a model on a dataset (molecule names resolve to the test split)."""
-    net = load_model(model)
+    """Energy/force MAE and LEE of a checkpoint or compiled artifact on a dataset
+    (molecule names resolve to the test split)."""
     mols = load_dataset(data, split="test")
     if max_frames:
         mols = mols.subset(range(min(max_frames, len(mols))))
+    if (Path(model) / MANIFEST).is_file():
+        compiled = CompiledModel(model)
+        validate(mols, species=compiled.species, source=data)
+        energies, forces = compiled.predict(mols)
+        result = {"model": str(model), "data": str(data), "precision": compiled.manifest["model"]["precision"],
+                  "backend": f"tvm:{compiled.manifest['target']['name']}"}
+        result.update(error_metrics(energies, forces, mols))
+        result["lee_mev_per_a"] = lee_metric(compiled.forces_fn(), mols, lee_frames)
+        result["lee_frames"] = min(lee_frames, len(mols))
+        return result
+    net = load_model(model)
     validate(mols, species=net.cfg.species, source=data)
-    result = {"model": str(model), "data": str(data), "precision": precision(net)}
+    result = {"model": str(model), "data": str(data), "precision": precision(net), "backend": "torch"}
     result.update(evaluate_model(net, mols, lee_frames=lee_frames))
     return result

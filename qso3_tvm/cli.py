@@ -130,6 +130,37 @@ def evaluate(
     typer.echo(f"  LEE         {result['lee_mev_per_a']:9.4f} meV/Å  ({result['lee_frames']} frames)")
 
 
+@app.command("compile")
+@user_errors
+def compile_cmd(
+    model: str = typer.Argument("ethanol-int8", help="checkpoint path or bundled model name"),
+    target: str = typer.Option("x86-avx512", "--target", help="preset (qso3-tvm targets), TVM tag or JSON"),
+    out: Path = typer.Option(..., "-o", "--out", help="artifact directory (library + manifest.json)"),
+    check: bool = typer.Option(True, help="compare with PyTorch when the target runs here"),
+):
+    """Compile energy+forces for a target: shared library + manifest.json, checked against PyTorch."""
+    from .compile import compile_model
+
+    info = compile_model(model, target, out, check=check, log=typer.echo)
+    typer.echo(f"wrote {out}/{info['library']} ({info['target']['name']}, {info['model']['precision']})")
+
+
+@app.command()
+@user_errors
+def targets():
+    """List target presets and what they resolve to."""
+    from .targets import presets
+
+    seen = set()
+    for name, spec in presets().items():
+        if spec.name in seen:
+            continue
+        seen.add(spec.name)
+        aliases = [a for a, s in presets().items() if s is spec and a != spec.name]
+        typer.echo(f"{spec.name:18s} {spec.description}" + (f"  (aliases: {', '.join(aliases)})" if aliases else ""))
+        typer.echo(f"{'':18s} {json.dumps(spec.target)}")
+
+
 @app.command()
 @user_errors
 def models():

@@ -19,7 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .data import Batch, MoleculeSet, make_batch
 from .model import So3krates
 
-MAX_ATOMS, MAX_EDGES, MAX_MOLECULES = 1 << 16, 1 << 24, 1 << 12
+# No upper bounds: Relax would plan static memory for the largest allowed size.
 
 
 class EnergyForces(torch.nn.Module):
@@ -55,8 +55,6 @@ def export_energy_forces(model: So3krates) -> torch.export.ExportedProgram:
     args = batch_inputs(example_batch(model))
     with torch.enable_grad():
         traced = make_fx(wrapper, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*args)
-    n = torch.export.Dim("atoms", min=2, max=MAX_ATOMS)
-    e = torch.export.Dim("edges", min=2, max=MAX_EDGES)
-    m = torch.export.Dim("molecules", min=2, max=MAX_MOLECULES)
+    n, e, m = (torch.export.Dim(name, min=2) for name in ("atoms", "edges", "molecules"))
     shapes = ({0: n}, {0: n}, {0: n}, {0: e}, {0: e}, {0: m})
     return torch.export.export(traced, args, dynamic_shapes=shapes)

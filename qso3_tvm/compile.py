@@ -1,0 +1,159 @@
+"""`qso3-tvm compile`: model -> energy+forces graph -> Relax -> library for a target + manifest.json.
+
+The compiled module is checked against the PyTorch model on the packaged sample molecules when the
+target runs on this machine; above tolerance nothing is written and the command fails (NequIP
+style). Tolerances (max abs error over atoms/molecules) can be overridden with
+QSO3_COMPILE_TOL_E_MEV and QSO3_COMPILE_TOL_F_MEV.
+
+Artifacts are written to a temporary sibling folder and renamed into place at the end, so a
+failure or an interrupt never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model, precision, resolve_model_path
+from .data import MoleculeSet
+from .errors import QSO3Error
+from .export import export_energy_forces
+from .metrics import predict
+from .relax_frontend import import_to_relax
+from .runtime import MANIFEST, CompiledModel, sample_molecules
+from .targets import TargetSpec, resolve_target
+
+LIBRARY = "model.so"
+# float32 graph vs PyTorch float32: reassociated sums only; fake-quantized models can also flip a
+# rounding tie of an activation code, which moves a force by one quantization step
+DEFAULT_TOL_MEV = {"fp32": (0.1, 0.1), "quantized": (10.0, 50.0)}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def tolerances(prec: str) -> tuple[float, float]:
+    e, f = DEFAULT_TOL_MEV["fp32" if prec == "fp32" else "quantized"]
+    return (float(os.environ.get("QSO3_COMPILE_TOL_E_MEV", e)), float(os.environ.get("QSO3_COMPILE_TOL_F_MEV", f)))
+
+
+def build(model, spec: TargetSpec):
+    """Relax executable of the model's energy+forces graph for a target."""
+    import tvm
+
+    mod = import_to_relax(export_energy_forces(model))
+    return tvm.compile(mod, target=spec.tvm_target())
+
+
+def write_library(executable, path: Path, spec: TargetSpec) -> None:
+    import tvm
+
+    if spec.cross_compiler:
+        if shutil.which(spec.cross_compiler) is None:
+            raise QSO3Error(f"target {spec.name} needs the cross compiler {spec.cross_compiler} "
+                            "(Debian: apt-get install g++-aarch64-linux-gnu)")
+        executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(spec.cross_compiler))
+    else:
+        executable.export_library(str(path))
+
+
+def parity(model, artifact: Path) -> dict:
+    """Compiled vs PyTorch on the sample molecules, one batch: max abs errors in meV and meV/Å."""
+    compiled = CompiledModel(artifact)
+    samples = sample_molecules(model.cfg.species)
+    if not samples:
+        raise QSO3Error(f"no packaged sample molecule uses only the model's species {model.cfg.species}")
+    mols = MoleculeSet(np.concatenate([s[1] for s in samples]), np.concatenate([s[2] for s in samples]),
+                       np.concatenate([[0], np.cumsum([len(s[1]) for s in samples])]))
+    e_ref, f_ref = predict(model, mols)
+    e, f = compiled.predict(mols)
+    return {"samples": [s[0] for s in samples],
+            "max_energy_error_mev": float(np.abs(e - e_ref).max() * 1e3),
+            "max_force_error_mev_per_a": float(np.abs(f - f_ref).max() * 1e3),
+            "reference": {"energy_ev": e_ref.tolist(), "forces_ev_per_a": f_ref.tolist()}}
+
+
+def manifest(model, model_path: Path, spec: TargetSpec, library: Path) -> dict:
+    import tvm
+
+    cfg = model.cfg
+    return {
+        "format": "qso3-tvm-artifact/1",
+        "library": library.name,
+        "library_sha256": sha256(library),
+        "model": {"checkpoint": str(model_path), "checkpoint_sha256": sha256(model_path), "precision": precision(model),
+                  "species": list(cfg.species), "cutoff": cfg.cutoff, "channels": cfg.channels, "layers": cfg.layers,
+                  "heads": cfg.heads, "attention": cfg.attention, "energy_shift": list(cfg.energy_shift)},
+        "quantization": getattr(model, "quant_cfg", None) and model.quant_cfg.to_dict(),
+        "target": {"name": spec.name, "source": spec.source, "tvm": spec.target, "arch": spec.arch,
+                   "cpu_features": spec.cpu_features, "device": spec.device},
+        "inputs": {"species": ["atoms"], "pos": ["atoms", 3], "mol": ["atoms"], "src": ["edges"], "dst": ["edges"],
+                   "mol_slots": ["molecules"],
+                   "bounds": {"atoms": [2, None], "edges": [2, None], "molecules": [2, None]},
+                   "note": "symbolic shapes: one library serves any molecule size; a ghost molecule pads each call"},
+        "outputs": {"energy": ["molecules"], "forces": ["atoms", 3], "units": "eV, eV/Å; add energy_shift per atom"},
+        "versions": {"tvm": tvm.__version__, "torch": torch.__version__, "qso3_tvm": __import__("qso3_tvm").__version__},
+        "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def compile_model(model_spec: str, target: str, out: str | Path, check: bool = True, log=print) -> dict:
+    """Compile a checkpoint for a target into `out` (library + manifest.json); returns the manifest."""
+    spec = resolve_target(target)
+    log(f"target {target!r} -> {spec.source} {spec.name}: {json.dumps(spec.target)}")
+    model_path = resolve_model_path(model_spec)
+    model = load_model(model_path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        t0 = time.time()
+        executable = build(model, spec)
+        library = tmp / LIBRARY
+        write_library(executable, library, spec)
+        log(f"built {library.name} in {time.time() - t0:.1f} s")
+        info = manifest(model, model_path, spec, library)
+        if check and spec.local:
+            (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
+            result = parity(model, tmp)
+            tol_e, tol_f = tolerances(info["model"]["precision"])
+            log(f"parity vs PyTorch on {len(result['samples'])} samples: max |dE| {result['max_energy_error_mev']:.4f} meV "
+                f"(tol {tol_e}), max |dF| {result['max_force_error_mev_per_a']:.4f} meV/Å (tol {tol_f})")
+            info["parity"] = {**result, "tolerance_mev": [tol_e, tol_f]}
+            if result["max_energy_error_mev"] > tol_e or result["max_force_error_mev_per_a"] > tol_f:
+                raise QSO3Error(f"compiled model disagrees with PyTorch: max |dE| {result['max_energy_error_mev']:.3g} meV "
+                                f"(tol {tol_e}), max |dF| {result['max_force_error_mev_per_a']:.3g} meV/Å (tol {tol_f}); "
+                                "override with QSO3_COMPILE_TOL_E_MEV / QSO3_COMPILE_TOL_F_MEV")
+        else:
+            info["parity"] = None
+            log(f"parity check skipped: target {spec.name} does not run on this machine")
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info

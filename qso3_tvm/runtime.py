@@ -1,0 +1,90 @@
+"""Run a compiled artifact (library + manifest.json) on this machine: energies and forces.
+
+Every call appends a ghost molecule (two atoms, 1 Å apart) so that the atom, edge and molecule
+counts are never 0 or 1, the sizes torch.export specializes; its outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .data import MoleculeSet, make_batch, species_index
+from .errors import QSO3Error
+
+MANIFEST = "manifest.json"
+
+
+def sample_molecules(species: tuple[int, ...]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, numbers, positions) of the packaged sample frames whose elements the model knows."""
+    out = []
+    with np.load(str(resources.files("qso3_tvm") / "models" / "samples.npz")) as npz:
+        for key in sorted(k for k in npz.files if k.endswith("_numbers")):
+            name = key[: -len("_numbers")]
+            numbers, coords = npz[key], npz[f"{name}_coords"]
+            if set(numbers.tolist()) <= set(species):
+                out += [(f"{name}[{i}]", numbers, c) for i, c in enumerate(coords)]
+    return out
+
+
+def with_ghost(mols: MoleculeSet, frames, species: tuple[int, ...]) -> tuple[MoleculeSet, list[int]]:
+    """The chosen frames plus a ghost molecule of two atoms of the first species."""
+    parts = [mols.frame(int(f)) for f in frames]
+    ghost = (np.full(2, species[0]), np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    numbers = np.concatenate([p[0] for p in parts] + [ghost[0]])
+    positions = np.concatenate([p[1] for p in parts] + [ghost[1]])
+    offsets = np.concatenate([[0], np.cumsum([len(p[0]) for p in parts] + [2])])
+    return MoleculeSet(numbers, positions, offsets), list(range(len(parts) + 1))
+
+
+class CompiledModel:
+    """A compiled energy+forces module loaded on a local device."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        import tvm
+        from tvm import relax
+
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise QSO3Error(f"{self.path}: not a compiled artifact (no {MANIFEST})")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.species = tuple(self.manifest["model"]["species"])
+        self.cutoff = float(self.manifest["model"]["cutoff"])
+        self.shift = np.asarray(self.manifest["model"]["energy_shift"], np.float64)
+        lib = tvm.runtime.load_module(str(self.path / self.manifest["library"]))
+        self.device = tvm.cuda() if device == "cuda" else tvm.cpu()
+        self.vm = relax.VirtualMachine(lib, self.device)
+
+    def run_batch(self, mols: MoleculeSet, frames) -> tuple[np.ndarray, np.ndarray]:
+        """Total energies (eV, float64) and forces (eV/Å) of the frames, in order."""
+        import tvm
+
+        frames = list(frames)
+        padded, idx = with_ghost(mols, frames, self.species)
+        batch = make_batch(padded, idx, self.species, self.cutoff)
+        inputs = (batch.species, batch.pos, batch.mol, batch.src, batch.dst)
+        args = [tvm.runtime.tensor(t.numpy(), self.device) for t in inputs]
+        args.append(tvm.runtime.tensor(np.zeros(batch.n_mol, np.float32), self.device))
+        energy, forces = self.vm["main"](*args)
+        n_real = int(padded.offsets[-2])
+        shift = np.add.reduceat(self.shift[species_index(padded.numbers, self.species)], padded.offsets[:-1])
+        return (energy.numpy().astype(np.float64) + shift)[:-1], forces.numpy()[:n_real].astype(np.float64)
+
+    def energy_forces(self, numbers: np.ndarray, positions: np.ndarray) -> tuple[float, np.ndarray]:
+        mols = MoleculeSet(np.asarray(numbers, np.int64), np.asarray(positions, np.float64), np.array([0, len(numbers)]))
+        e, f = self.run_batch(mols, [0])
+        return float(e[0]), f
+
+    def forces_fn(self):
+        return lambda numbers, pos: self.energy_forces(numbers, pos)[1]
+
+    def predict(self, mols: MoleculeSet, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        energies, forces = [], []
+        for start in range(0, len(mols), batch_size):
+            e, f = self.run_batch(mols, range(start, min(start + batch_size, len(mols))))
+            energies.append(e), forces.append(f)
+        return np.concatenate(energies), np.concatenate(forces)
