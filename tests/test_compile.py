@@ -1,0 +1,95 @@
+"""qso3-tvm compile on a tiny model: x86 parity and evaluate, refusal above tolerance with nothing left
+behind, arm64 cross-compiled ELF, target resolution errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qso3_tvm import compile as qcompile
+from qso3_tvm.checkpoint import save_model
+from qso3_tvm.cli import app
+from qso3_tvm.errors import QSO3Error
+from qso3_tvm.quant import QuantConfig, quantize_model
+from qso3_tvm.targets import resolve_target
+from qso3_tvm.testing import model_energy_forces, random_molecule, tiny_model
+
+runner = CliRunner()
+SHIFT = [-13.6, -1030.0, -1480.0, -2040.0, -2700.0]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_model(path, tiny_model(torch.float32, seed=2, energy_shift=SHIFT))
+    return path
+
+
+@pytest.fixture(scope="module")
+def x86_artifact(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "x86"
+    r = runner.invoke(app, ["compile", str(tiny_ckpt), "--target", "x86-64", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "parity vs PyTorch" in r.stdout
+    return out
+
+
+def test_x86_artifact_manifest_and_parity(x86_artifact, tiny_ckpt):
+    m = json.loads((x86_artifact / "manifest.json").read_text())
+    assert m["model"]["species"] == [1, 6, 7, 8, 9] and m["model"]["energy_shift"] == SHIFT
+    assert m["library_sha256"] == qcompile.sha256(x86_artifact / m["library"])
+    assert m["parity"]["max_force_error_mev_per_a"] <= m["parity"]["tolerance_mev"][1]
+    assert m["target"]["name"] == "x86-64" and m["versions"]["tvm"].startswith("0.27")
+
+
+def test_evaluate_compiled_matches_torch(x86_artifact, tiny_ckpt, ethanol_test):
+    args = ["--data", str(ethanol_test), "--lee-frames", "2", "--json"]
+    compiled = json.loads(runner.invoke(app, ["evaluate", str(x86_artifact), *args]).stdout)
+    eager = json.loads(runner.invoke(app, ["evaluate", str(tiny_ckpt), *args]).stdout)
+    assert compiled["backend"] == "tvm:x86-64" and eager["backend"] == "torch"
+    assert compiled["energy_mae_mev"] == pytest.approx(eager["energy_mae_mev"], abs=0.01)
+    assert compiled["force_mae_mev_per_a"] == pytest.approx(eager["force_mae_mev_per_a"], abs=0.01)
+    assert compiled["lee_mev_per_a"] < 0.05
+
+
+def test_refuses_above_tolerance_and_leaves_nothing(tiny_ckpt, x86_artifact, tmp_path, monkeypatch):
+    import tvm
+
+    lib = tvm.runtime.load_module(str(x86_artifact / "model.so"))
+
+    class Prebuilt:  # skip the slow build: reuse the fixture's library
+        def export_library(self, path, **kw):
+            shutil.copy(x86_artifact / "model.so", path)
+
+    monkeypatch.setattr(qcompile, "build", lambda model, spec: Prebuilt())
+    monkeypatch.setenv("QSO3_COMPILE_TOL_F_MEV", "0")
+    out = tmp_path / "refused"
+    with pytest.raises(QSO3Error, match=r"disagrees with PyTorch.*tol 0\.0"):
+        qcompile.compile_model(str(tiny_ckpt), "x86-64", out, log=lambda *_: None)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert lib is not None
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs g++-aarch64-linux-gnu")
+def test_arm64_artifact_is_aarch64_elf(tiny_ckpt, tmp_path):
+    info = qcompile.compile_model(str(tiny_ckpt), "arm64", tmp_path / "arm", log=lambda *_: None)
+    header = (tmp_path / "arm" / "model.so").read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    assert info["parity"] is None and info["target"]["arch"] == "aarch64"
+
+
+def test_unknown_target_lists_valid_ones():
+    with pytest.raises(QSO3Error, match="unknown target 'armv9'.*arm64-cortex-a76.*x86-avx512"):
+        resolve_target("armv9")
+    r = runner.invoke(app, ["compile", "ethanol-fp32", "--target", "armv9", "-o", "x"])
+    assert r.exit_code == 2 and "use a preset" in r.stderr
+
+
+def test_targets_command_lists_presets():
+    r = runner.invoke(app, ["targets"])
+    assert r.exit_code == 0
+    for name in ("x86-avx512", "arm64-cortex-a72", "arm64-cortex-a76", "jetson-orin", "cuda-sm90"):
+        assert name in r.stdout
