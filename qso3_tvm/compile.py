@@ -27,6 +27,7 @@ from .checkpoint import load_model, precision, resolve_model_path
 from .data import MoleculeSet
 from .errors import QSO3Error
 from .export import export_energy_forces
+from .int8 import int8_weight_bytes, to_int8
 from .metrics import predict
 from .relax_frontend import import_to_relax
 from .runtime import MANIFEST, CompiledModel, sample_molecules
@@ -59,11 +60,16 @@ def tolerances(prec: str) -> tuple[float, float]:
     return (float(os.environ.get("QSO3_COMPILE_TOL_E_MEV", e)), float(os.environ.get("QSO3_COMPILE_TOL_F_MEV", f)))
 
 
+def deployable(model):
+    """The module that gets exported: quantized models in their int8 form (int8 weights, int8 GEMMs)."""
+    return to_int8(model) if getattr(model, "quant_cfg", None) is not None else model
+
+
 def build(model, spec: TargetSpec):
     """Relax executable of the model's energy+forces graph for a target."""
     import tvm
 
-    mod = import_to_relax(export_energy_forces(model))
+    mod = import_to_relax(export_energy_forces(deployable(model)))
     return tvm.compile(mod, target=spec.tvm_target())
 
 
@@ -106,7 +112,10 @@ def manifest(model, model_path: Path, spec: TargetSpec, library: Path) -> dict:
         "model": {"checkpoint": str(model_path), "checkpoint_sha256": sha256(model_path), "precision": precision(model),
                   "species": list(cfg.species), "cutoff": cfg.cutoff, "channels": cfg.channels, "layers": cfg.layers,
                   "heads": cfg.heads, "attention": cfg.attention, "energy_shift": list(cfg.energy_shift)},
-        "quantization": getattr(model, "quant_cfg", None) and model.quant_cfg.to_dict(),
+        "quantization": getattr(model, "quant_cfg", None) and {
+            **model.quant_cfg.to_dict(), "stored_weight_bytes": int8_weight_bytes(deployable(model)),
+            "gemm": "scalar-branch Linears: int8 x int8 -> int32 (relax.op.matmul out_dtype=int32); "
+                    "vector-branch Linears: int8 weights dequantized; forces: float backward, straight-through"},
         "target": {"name": spec.name, "source": spec.source, "tvm": spec.target, "arch": spec.arch,
                    "cpu_features": spec.cpu_features, "device": spec.device},
         "inputs": {"species": ["atoms"], "pos": ["atoms", 3], "mol": ["atoms"], "src": ["edges"], "dst": ["edges"],

@@ -4,6 +4,7 @@ tests/test_relax_frontend.py shows each failure with the stock importer and chec
 numerically against PyTorch.
 
 Gaps and bugs worked around (TVM 0.27.0.post1, torch 2.13):
+- `aten._int_mm`              unsupported (int8 × int8 → int32)  -> relax.op.matmul(out_dtype="int32")
 - `aten.amax`                 unsupported                        -> relax.op.max
 - `aten.silu_backward`        unsupported (SiLU's gradient)      -> σ(x)·(1 + x(1 − σ(x)))·g
 - `aten.index_add`            decomposes to an index_put the importer rejects for 2-D/3-D data;
@@ -83,7 +84,13 @@ def _slice_scatter(node, imp):
     return bb.emit(relax.op.concat(parts, axis=dim))
 
 
+def _int_mm(node, imp):
+    a, b = imp.env[node.args[0]], imp.env[node.args[1]]
+    return imp.block_builder.emit(relax.op.matmul(a, b, out_dtype="int32"))
+
+
 CONVERTERS = {
+    "_int_mm.default": _int_mm,
     "amax.default": _amax,
     "silu_backward.default": _silu_backward,
     "index_add.default": _index_add,

@@ -93,3 +93,23 @@ def test_targets_command_lists_presets():
     assert r.exit_code == 0
     for name in ("x86-avx512", "arm64-cortex-a72", "arm64-cortex-a76", "jetson-orin", "cuda-sm90"):
         assert name in r.stdout
+
+
+def test_quantized_model_compiles_to_int8_gemms(tmp_path):
+    """The int8 form matches the fake-quantized model in PyTorch, and the compiled module matches both."""
+    from qso3_tvm.int8 import Int8Linear, Int8WeightLinear, to_int8
+
+    model = quantize_model(tiny_model(torch.float32, seed=4, energy_shift=SHIFT), QuantConfig())
+    z, pos = random_molecule(12, seed=1)
+    model_energy_forces(model, z, pos)  # calibrate
+    int8 = to_int8(model)
+    assert isinstance(int8.layers[0].q, Int8Linear) and int8.layers[0].q.w_codes_t.dtype == torch.int8
+    assert isinstance(int8.layers[0].vec_uv, Int8WeightLinear)
+    e0, f0 = model_energy_forces(model.eval(), *random_molecule(15, seed=9))
+    e1, f1 = model_energy_forces(int8, *random_molecule(15, seed=9))
+    assert abs(e0 - e1) < 1e-5 and np.abs(f0 - f1).max() < 1e-5 * max(1.0, np.abs(f0).max())
+    save_model(tmp_path / "q.pt", model)
+    info = qcompile.compile_model(str(tmp_path / "q.pt"), "x86-64", tmp_path / "art", log=lambda *_: None)
+    assert info["model"]["precision"] == "w8a8-mddq"
+    assert info["parity"]["max_force_error_mev_per_a"] <= info["parity"]["tolerance_mev"][1]
+    assert "int8 x int8 -> int32" in info["quantization"]["gemm"]
