@@ -115,6 +115,25 @@ def write_quantization_md(path: Path, blocks: dict[str, list[dict]], header: str
     path.write_text("\n".join(lines))
 
 
+# ---------------------------------------------------------------- fp32 accuracy
+def accuracy_rows(runs: Path, molecules: list[str], lee_frames: int) -> list[dict]:
+    rows = []
+    for mol in molecules:
+        run = runs / f"{mol}_fp32"
+        if not (run / "best.pt").exists():
+            print(f"skip {mol}: {run}/best.pt missing", flush=True)
+            continue
+        metrics, cmd = evaluate_json(str(run / "best.pt"), mol, ["--lee-frames", str(lee_frames)])
+        log = list(csv.DictReader(open(run / "log.csv")))
+        train_cfg = json.loads(json.dumps(__import__("torch").load(run / "last.pt", weights_only=True)["train"]))
+        rows.append({"molecule": mol, **metrics, "epochs_run": len(log), "epochs_planned": train_cfg["epochs"],
+                     "train_seconds": training_seconds(run), "max_minutes": train_cfg["max_minutes"],
+                     "train_command": f"qso3-tvm train --data {mol} -o {run} --epochs {train_cfg['epochs']} "
+                                      f"--max-minutes {train_cfg['max_minutes']:g} --threads {train_cfg['threads']}",
+                     "eval_command": cmd})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m qso3_tvm.experiments")
     sub = p.add_subparsers(dest="what", required=True)
@@ -126,7 +145,15 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--max-frames", type=int, default=0)
     q.add_argument("--rows", type=int, nargs="*", help="row indices to run (default all)")
     q.add_argument("--json", type=Path, help="write/merge results here")
+    a = sub.add_parser("accuracy")
+    a.add_argument("--runs", type=Path, default=Path("runs"))
+    a.add_argument("--molecules", nargs="*", default=["ethanol", "aspirin"])
+    a.add_argument("--lee-frames", type=int, default=100)
     args = p.parse_args(argv)
+    if args.what == "accuracy":
+        rows = accuracy_rows(args.runs, args.molecules, args.lee_frames)
+        Path("reports/accuracy.json").write_text(json.dumps(rows, indent=1))
+        json.dump(rows, sys.stdout, indent=1)
     if args.what == "quantization":
         rows = quantization_report(args.molecule, args.runs, shlex.split(args.qflags), args.lee_frames, args.max_frames, args.rows)
         out = args.json or Path(f"reports/quantization_{args.molecule}.json")

@@ -143,13 +143,6 @@ def test_weight_bytes_int8_and_int4():
     assert b4 < b8 < 0.6 * b32
 
 
-# Equivariance tolerance rows for quantized models (float rows in testing.EQUIVARIANCE_TOL are untouched):
-# scalar-only quantization quantizes invariants, so it keeps the float64 symmetry up to rare rounding
-# ties; MDDQ moves each vector feature by at most its direction bound, so forces move by a small
-# relative amount; naive int8 moves them far more.
-INT8_TOL = {"scalar-only": 1e-6, "mddq": 0.05}
-
-
 def _quantized(vector, seed=0):
     model = quantize_model(tiny_model(torch.float64, seed=seed), QuantConfig(vector=vector))
     z, pos = random_molecule(10, seed=7)
@@ -160,10 +153,10 @@ def _quantized(vector, seed=0):
 def test_int8_equivariance_rows():
     model, z, pos = _quantized("none")
     e_err, f_err = equivariance_errors(model, z, pos)
-    assert max(e_err, f_err) <= INT8_TOL["scalar-only"]
+    assert max(e_err, f_err) <= EQUIVARIANCE_TOL["int8-scalar-only"]
     model, z, pos = _quantized("mddq")
     e_mddq, f_mddq = equivariance_errors(model, z, pos)
-    assert f_mddq <= INT8_TOL["mddq"] and f_mddq > EQUIVARIANCE_TOL["float64"]
+    assert f_mddq <= EQUIVARIANCE_TOL["int8-mddq"] and f_mddq > EQUIVARIANCE_TOL["float64"]
     model, z, pos = _quantized("naive")
     _, f_naive = equivariance_errors(model, z, pos)
     assert f_naive > f_mddq
