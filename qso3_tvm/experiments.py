@@ -69,6 +69,9 @@ def ablation_rows(molecule: str, runs: Path, common: list[str]) -> list[tuple[st
         ("full − attention normalization (plain dot product)", dot, common),
         ("full, paper's fixed direction grid (sphere)", l2, common + ["--direction-grid", "sphere"]),
         ("W4A8 (full method, 4-bit weights)", l2, common + ["--w-bits", "4"]),
+        ("full + LEE penalty 1e-3", l2, common + ["--lee-weight", "1e-3"]),
+        ("full + LEE penalty 1e-4", l2, common + ["--lee-weight", "1e-4"]),
+        ("full + LEE penalty 1e-5", l2, common + ["--lee-weight", "1e-5"]),
     ]
 
 

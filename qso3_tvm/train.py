@@ -42,7 +42,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop after this wall time (0: no limit); the cosine still spans `epochs`
     threads: int = 0  # torch threads (0: torch default)
     rotate: bool = False  # random rotation of every training batch (QAT: quantized models are not exactly equivariant)
-    lee_weight: float = 0.0  # weight of the LEE penalty mean ‖Rᵀ F(R x) − F(x)‖² (eV/Å)²
+    lee_weight: float = 0.0  # weight of the LEE penalty mean ‖Rᵀ F(R x) − F(x)‖² in (meV/Å)²
 
 
 def split_indices(cfg: TrainConfig, mols: MoleculeSet) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +115,7 @@ class Trainer:
         if rng is not None and self.cfg.lee_weight:
             rot = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=f.dtype)
             _, f_rot = energy_and_forces(model, rotate_batch(batch, rot=rot), create_graph=create_graph)
-            total = total + self.cfg.lee_weight * ((f_rot @ rot - f) ** 2).sum(-1).mean()
+            total = total + self.cfg.lee_weight * 1e6 * ((f_rot @ rot - f) ** 2).sum(-1).mean()  # (meV/Å)²
         return total, e - target_e, f - batch.forces
 
     def train_epoch(self, bar) -> float:
