@@ -21,11 +21,18 @@ elif [ "$ARCH" = aarch64 ]; then
     mkdir -p "$WHEELS"
     python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
       --python-version 3.11 -d "$WHEELS" "apache-tvm==$TVM_VERSION" "apache-tvm-ffi==$FFI_VERSION"
-    for w in "$WHEELS"/*.whl; do
-      python3 -m zipfile -e "$w" "$WHEELS/unpacked.tmp"
-    done
-    mv "$WHEELS/unpacked.tmp/tvm" "$WHEELS/tvm" && mv "$WHEELS/unpacked.tmp/tvm_ffi" "$WHEELS/tvm_ffi"
-    rm -rf "$WHEELS/unpacked.tmp" "$WHEELS"/*.whl
+    # keep only the runtime libraries and the tvm-ffi headers
+    python3 - "$WHEELS" <<'PY'
+import pathlib, sys, zipfile
+root = pathlib.Path(sys.argv[1])
+keep = ("tvm/lib/libtvm_runtime.so", "tvm/lib/libtvm_runtime_extra.so", "tvm_ffi/lib/libtvm_ffi.so", "tvm_ffi/include/")
+for wheel in root.glob("*.whl"):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.startswith(keep):
+                z.extract(name, root)
+    wheel.unlink()
+PY
   fi
   TVM_DIR=$WHEELS/tvm
   FFI_DIR=$WHEELS/tvm_ffi

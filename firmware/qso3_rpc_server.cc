@@ -17,7 +17,9 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/auxv.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -169,6 +171,34 @@ class Tracker {
 };
 
 // ---------------------------------------------------------------- one session (in a forked child)
+// What the profiler checks an artifact against: ISA and the CPU features the kernel reports.
+std::string BoardInfo() {
+  utsname u{};
+  uname(&u);
+  std::vector<std::string> features;
+#if defined(__aarch64__)
+  unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+  const std::pair<unsigned long, const char*> bits[] = {{1ul << 1, "asimd"}, {1ul << 20, "asimddp"}, {1ul << 22, "sve"}};
+  for (auto& [bit, name] : bits)
+    if (hw & bit) features.push_back(name);
+  if (hw2 & (1ul << 13)) features.push_back("i8mm");
+#else
+  FILE* f = std::fopen("/proc/cpuinfo", "r");
+  char line[8192];
+  while (f && std::fgets(line, sizeof(line), f)) {
+    if (std::strncmp(line, "flags", 5) != 0) continue;
+    std::istringstream words(std::strchr(line, ':') + 1);
+    std::string w;
+    while (words >> w) features.push_back(w);
+    break;
+  }
+  if (f) std::fclose(f);
+#endif
+  std::string json = "{\"machine\": " + JsonStr(u.machine) + ", \"features\": [";
+  for (size_t i = 0; i < features.size(); ++i) json += (i ? ", " : "") + JsonStr(features[i]);
+  return json + "]}";
+}
+
 void RegisterServerFunctions(const std::string& work_dir) {
   namespace ffi = tvm::ffi;
   ffi::Function::SetGlobal("tvm.rpc.server.workpath", ffi::Function::FromTyped([work_dir](ffi::String path) {
@@ -179,6 +209,7 @@ void RegisterServerFunctions(const std::string& work_dir) {
                              return ffi::Module::LoadFromFile(ffi::String(work_dir + "/" + std::string(name)));
                            }),
                            true);
+  ffi::Function::SetGlobal("qso3.board.info", ffi::Function::FromTyped([]() -> ffi::String { return ffi::String(BoardInfo()); }), true);
 }
 
 [[noreturn]] void ServeSession(int conn, const std::string& work_dir, int timeout) {
