@@ -43,7 +43,7 @@ constexpr int32_t kTrackerMagic = 0x2F271;
 constexpr int kTrackerSuccess = 0, kTrackerPut = 3, kTrackerUpdateInfo = 5, kTrackerPendingKeys = 7;
 
 struct Options {
-  std::string host = "0.0.0.0", key = "qso3", work_dir = "/tmp/qso3-rpc", tracker, custom_addr;
+  std::string host = "0.0.0.0", key = "qso3", work_dir = "/tmp/qso3-rpc", tracker, custom_addr, label = "board";
   int port = 9090, timeout = 0;
 };
 
@@ -172,6 +172,8 @@ class Tracker {
 
 // ---------------------------------------------------------------- one session (in a forked child)
 // What the profiler checks an artifact against: ISA and the CPU features the kernel reports.
+std::string g_label;  // --label: how the board describes itself (e.g. emulated-qemu-cortex-a76)
+
 std::string BoardInfo() {
   utsname u{};
   uname(&u);
@@ -194,7 +196,7 @@ std::string BoardInfo() {
   }
   if (f) std::fclose(f);
 #endif
-  std::string json = "{\"machine\": " + JsonStr(u.machine) + ", \"features\": [";
+  std::string json = "{\"label\": " + JsonStr(g_label) + ", \"machine\": " + JsonStr(u.machine) + ", \"features\": [";
   for (size_t i = 0; i < features.size(); ++i) json += (i ? ", " : "") + JsonStr(features[i]);
   return json + "]}";
 }
@@ -247,7 +249,7 @@ void RemoveTree(const std::string& dir) { std::system(("rm -rf '" + dir + "'").c
 int Usage() {
   std::fprintf(stderr,
                "usage: qso3-rpc-server [--host H] [--port P] [--key K] [--work-dir D] [--tracker H:P]\n"
-               "                       [--custom-addr A] [--timeout S]\n");
+               "                       [--custom-addr A] [--timeout S] [--label L]\n");
   return 2;
 }
 
@@ -265,8 +267,10 @@ int main(int argc, char** argv) {
     else if (a == "--tracker") opt.tracker = next();
     else if (a == "--custom-addr") opt.custom_addr = next();
     else if (a == "--timeout") opt.timeout = std::atoi(next().c_str());
+    else if (a == "--label") opt.label = next();
     else return Usage();
   }
+  g_label = opt.label;
   signal(SIGPIPE, SIG_IGN);
   int listen_fd = Listen(opt.host, opt.port);
   if (listen_fd < 0) {

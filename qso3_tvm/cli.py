@@ -161,6 +161,81 @@ def targets():
         typer.echo(f"{'':18s} {json.dumps(spec.target)}")
 
 
+board_app = typer.Typer(no_args_is_help=True, help="Boards: run the firmware RPC server (emulated arm64 or native).")
+app.add_typer(board_app, name="board")
+
+
+def _serve(board) -> None:
+    typer.echo(f"board {board.label} listening on {board.address} key={board.key} (Ctrl-C stops it)")
+    try:
+        board.proc.wait()
+        raise QSO3Error(f"board exited with code {board.proc.returncode}")
+    except KeyboardInterrupt:
+        typer.echo("stopping board")
+    finally:
+        board.stop()
+
+
+@board_app.command("emulate")
+@user_errors
+def board_emulate(
+    cpu: str = typer.Option("cortex-a76", help="qemu CPU: cortex-a53, cortex-a72 (Pi 4), cortex-a76 (Pi 5), neoverse-n1, max"),
+    port: int = typer.Option(9090),
+    host: str = typer.Option("127.0.0.1"),
+    key: str = typer.Option("qso3", "--key", "--rpc-key"),
+    tracker: Optional[str] = typer.Option(None, "--tracker", "--rpc-tracker", help="register with this tracker HOST:PORT"),
+    timeout: int = typer.Option(0, help="session timeout in seconds (0: none)"),
+):
+    """An emulated arm64 board: the firmware RPC server under qemu-aarch64."""
+    from .board import start_board
+
+    _serve(start_board(cpu=cpu, port=port, host=host, key=key, tracker=tracker, timeout=timeout))
+
+
+@board_app.command("native")
+@user_errors
+def board_native(
+    port: int = typer.Option(9090),
+    host: str = typer.Option("127.0.0.1"),
+    key: str = typer.Option("qso3", "--key", "--rpc-key"),
+    tracker: Optional[str] = typer.Option(None, "--tracker", "--rpc-tracker"),
+    timeout: int = typer.Option(0),
+):
+    """This machine as a board: the firmware RPC server built natively."""
+    from .board import start_board
+
+    _serve(start_board(cpu=None, port=port, host=host, key=key, tracker=tracker, timeout=timeout))
+
+
+@app.command()
+@user_errors
+def profile(
+    artifact: Path = typer.Argument(..., help="compiled artifact directory"),
+    rpc: Optional[str] = typer.Option(None, "--rpc", help="board HOST:PORT (direct)"),
+    rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="tracker HOST:PORT (else TVM_TRACKER_HOST/PORT)"),
+    rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="board key (else TVM_TRACKER_KEY)"),
+    repeat: int = typer.Option(10),
+    number: int = typer.Option(1),
+    report_dir: Path = typer.Option(Path("reports"), help="where the .json/.md report goes"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Upload an artifact to a board, verify energies/forces against the compile-time reference, time it."""
+    from .deploy import profile as run
+
+    result = run(artifact, rpc=rpc, tracker=rpc_tracker, key=rpc_key, repeat=repeat, number=number,
+                 report_dir=report_dir, log=(lambda *_: None) if as_json else typer.echo)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    err = result["errors_vs_reference"]
+    typer.echo(f"verified: energies/forces within tolerance (max |dE| {err['max_energy_error_mev']:.4f} meV, "
+               f"max |dF| {err['max_force_error_mev_per_a']:.4f} meV/Å) on {len(result['samples'])} samples")
+    for name, t in result["timing_ms"].items():
+        typer.echo(f"{name:13s} mean {t['mean']:.3f} ms  median {t['median']:.3f}  max {t['max']:.3f}  "
+                   f"min {t['min']:.3f}  std {t['std']:.3f}" + ("  [EMULATED]" if result["emulated"] else ""))
+    typer.echo(f"report: {result['report']}.md")
+
+
 @app.command()
 @user_errors
 def models():

@@ -85,20 +85,32 @@ def write_library(executable, path: Path, spec: TargetSpec) -> None:
         executable.export_library(str(path))
 
 
-def parity(model, artifact: Path) -> dict:
-    """Compiled vs PyTorch on the sample molecules, one batch: max abs errors in meV and meV/Å."""
-    compiled = CompiledModel(artifact)
-    samples = sample_molecules(model.cfg.species)
+def sample_set(species) -> tuple[MoleculeSet, list[str]]:
+    samples = sample_molecules(species)
     if not samples:
-        raise QSO3Error(f"no packaged sample molecule uses only the model's species {model.cfg.species}")
+        raise QSO3Error(f"no packaged sample molecule uses only the model's species {species}")
     mols = MoleculeSet(np.concatenate([s[1] for s in samples]), np.concatenate([s[2] for s in samples]),
                        np.concatenate([[0], np.cumsum([len(s[1]) for s in samples])]))
+    return mols, [s[0] for s in samples]
+
+
+def reference(model) -> dict:
+    """PyTorch energies and forces on the sample molecules, stored in the manifest: boards are
+    checked against them (`qso3-tvm profile`)."""
+    mols, names = sample_set(model.cfg.species)
     e_ref, f_ref = predict(model, mols)
-    e, f = compiled.predict(mols)
-    return {"samples": [s[0] for s in samples],
-            "max_energy_error_mev": float(np.abs(e - e_ref).max() * 1e3),
-            "max_force_error_mev_per_a": float(np.abs(f - f_ref).max() * 1e3),
-            "reference": {"energy_ev": e_ref.tolist(), "forces_ev_per_a": f_ref.tolist()}}
+    return {"samples": names, "energy_ev": e_ref.tolist(), "forces_ev_per_a": f_ref.tolist()}
+
+
+def max_errors(ref: dict, energies: np.ndarray, forces: np.ndarray) -> dict:
+    return {"max_energy_error_mev": float(np.abs(energies - np.asarray(ref["energy_ev"])).max() * 1e3),
+            "max_force_error_mev_per_a": float(np.abs(forces - np.asarray(ref["forces_ev_per_a"])).max() * 1e3)}
+
+
+def parity(model, artifact: Path, ref: dict) -> dict:
+    """Compiled (run here) vs PyTorch on the sample molecules: max abs errors in meV and meV/Å."""
+    mols, _ = sample_set(model.cfg.species)
+    return max_errors(ref, *CompiledModel(artifact).predict(mols))
 
 
 def manifest(model, model_path: Path, spec: TargetSpec, library: Path) -> dict:
@@ -145,11 +157,12 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
         write_library(executable, library, spec)
         log(f"built {library.name} in {time.time() - t0:.1f} s")
         info = manifest(model, model_path, spec, library)
+        info["reference"] = reference(model)
         if check and spec.local:
             (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
-            result = parity(model, tmp)
+            result = parity(model, tmp, info["reference"])
             tol_e, tol_f = tolerances(info["model"]["precision"])
-            log(f"parity vs PyTorch on {len(result['samples'])} samples: max |dE| {result['max_energy_error_mev']:.4f} meV "
+            log(f"parity vs PyTorch on {len(info['reference']['samples'])} samples: max |dE| {result['max_energy_error_mev']:.4f} meV "
                 f"(tol {tol_e}), max |dF| {result['max_force_error_mev_per_a']:.4f} meV/Å (tol {tol_f})")
             info["parity"] = {**result, "tolerance_mev": [tol_e, tol_f]}
             if result["max_energy_error_mev"] > tol_e or result["max_force_error_mev_per_a"] > tol_f:

@@ -41,38 +41,45 @@ def with_ghost(mols: MoleculeSet, frames, species: tuple[int, ...]) -> tuple[Mol
 
 
 class CompiledModel:
-    """A compiled energy+forces module loaded on a local device."""
+    """A compiled energy+forces module: loaded here (`CompiledModel(path)`) or on a board over RPC
+    (qso3_tvm.deploy.RemoteModel). Subclasses change where the module runs, not the numerics."""
 
     def __init__(self, path: str | Path, device: str = "cpu"):
         import tvm
         from tvm import relax
 
         self.path = Path(path)
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            raise QSO3Error(f"{self.path}: not a compiled artifact (no {MANIFEST})")
-        self.manifest = json.loads(manifest_path.read_text())
-        self.species = tuple(self.manifest["model"]["species"])
-        self.cutoff = float(self.manifest["model"]["cutoff"])
-        self.shift = np.asarray(self.manifest["model"]["energy_shift"], np.float64)
+        self.manifest = read_manifest(self.path)
         lib = tvm.runtime.load_module(str(self.path / self.manifest["library"]))
         self.device = tvm.cuda() if device == "cuda" else tvm.cpu()
         self.vm = relax.VirtualMachine(lib, self.device)
 
-    def run_batch(self, mols: MoleculeSet, frames) -> tuple[np.ndarray, np.ndarray]:
-        """Total energies (eV, float64) and forces (eV/Å) of the frames, in order."""
+    @property
+    def species(self) -> tuple[int, ...]:
+        return tuple(self.manifest["model"]["species"])
+
+    def inputs(self, mols: MoleculeSet, frames) -> tuple[list, MoleculeSet]:
+        """Device tensors for the frames plus a ghost molecule, and the padded frame set."""
         import tvm
 
-        frames = list(frames)
-        padded, idx = with_ghost(mols, frames, self.species)
-        batch = make_batch(padded, idx, self.species, self.cutoff)
-        inputs = (batch.species, batch.pos, batch.mol, batch.src, batch.dst)
-        args = [tvm.runtime.tensor(t.numpy(), self.device) for t in inputs]
-        args.append(tvm.runtime.tensor(np.zeros(batch.n_mol, np.float32), self.device))
+        padded, idx = with_ghost(mols, list(frames), self.species)
+        batch = make_batch(padded, idx, self.species, float(self.manifest["model"]["cutoff"]))
+        arrays = [t.numpy() for t in (batch.species, batch.pos, batch.mol, batch.src, batch.dst)]
+        arrays.append(np.zeros(batch.n_mol, np.float32))
+        return [tvm.runtime.tensor(a, self.device) for a in arrays], padded
+
+    def call(self, args) -> tuple[np.ndarray, np.ndarray]:
         energy, forces = self.vm["main"](*args)
+        return energy.numpy(), forces.numpy()
+
+    def run_batch(self, mols: MoleculeSet, frames) -> tuple[np.ndarray, np.ndarray]:
+        """Total energies (eV, float64) and forces (eV/Å) of the frames, in order."""
+        args, padded = self.inputs(mols, frames)
+        energy, forces = self.call(args)
+        shift = np.asarray(self.manifest["model"]["energy_shift"], np.float64)
+        shift = np.add.reduceat(shift[species_index(padded.numbers, self.species)], padded.offsets[:-1])
         n_real = int(padded.offsets[-2])
-        shift = np.add.reduceat(self.shift[species_index(padded.numbers, self.species)], padded.offsets[:-1])
-        return (energy.numpy().astype(np.float64) + shift)[:-1], forces.numpy()[:n_real].astype(np.float64)
+        return (energy.astype(np.float64) + shift)[:-1], forces[:n_real].astype(np.float64)
 
     def energy_forces(self, numbers: np.ndarray, positions: np.ndarray) -> tuple[float, np.ndarray]:
         mols = MoleculeSet(np.asarray(numbers, np.int64), np.asarray(positions, np.float64), np.array([0, len(numbers)]))
@@ -88,3 +95,13 @@ class CompiledModel:
             e, f = self.run_batch(mols, range(start, min(start + batch_size, len(mols))))
             energies.append(e), forces.append(f)
         return np.concatenate(energies), np.concatenate(forces)
+
+
+def read_manifest(path: Path) -> dict:
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise QSO3Error(f"{path}: not a compiled artifact (no {MANIFEST})")
+    try:
+        return json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise QSO3Error(f"{manifest_path}: corrupt manifest ({e})") from None

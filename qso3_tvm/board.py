@@ -1,0 +1,127 @@
+"""Boards: the firmware RPC server, built and run natively or on an emulated arm64 board (qemu-user).
+
+Emulated timings are emulation, not board speed: every report of an emulated board says so.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import select
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import QSO3Error
+
+FIRMWARE_DIR = Path(os.environ.get("QSO3_FIRMWARE_DIR", Path(__file__).resolve().parents[1] / "firmware"))
+QEMU_SYSROOT = "/usr/aarch64-linux-gnu"
+QEMU_CPUS = ("cortex-a53", "cortex-a72", "cortex-a76", "neoverse-n1", "max")
+
+
+def firmware_binary(arch: str) -> Path:
+    """firmware/build/<arch>/qso3-rpc-server, built on first use (firmware/build.sh)."""
+    binary = FIRMWARE_DIR / "build" / arch / "qso3-rpc-server"
+    if not binary.exists():
+        mode = "native" if arch == platform.machine() else arch
+        if mode == "aarch64" and shutil.which("aarch64-linux-gnu-g++") is None:
+            raise QSO3Error("building the arm64 firmware needs aarch64-linux-gnu-g++ "
+                            "(Debian: apt-get install g++-aarch64-linux-gnu)")
+        proc = subprocess.run(["bash", str(FIRMWARE_DIR / "build.sh"), mode], capture_output=True, text=True)
+        if proc.returncode or not binary.exists():
+            raise QSO3Error(f"firmware build failed ({mode}): {proc.stderr.strip().splitlines()[-1:]}")
+    return binary
+
+
+@dataclass
+class Board:
+    """A running firmware server (a child process of this one)."""
+
+    proc: subprocess.Popen
+    host: str
+    port: int
+    key: str
+    label: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "Board":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _wait_listening(proc: subprocess.Popen, what: str, timeout: float = 60.0) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise QSO3Error(f"{what} exited with code {proc.returncode}: {proc.stderr.read().strip()[-300:]}")
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            if "listening on" in line:
+                return line.strip()
+    proc.kill()
+    raise QSO3Error(f"{what} did not start within {timeout:.0f} s")
+
+
+def start_board(cpu: str | None = None, port: int = 9090, host: str = "127.0.0.1", key: str = "qso3",
+                tracker: str | None = None, timeout: int = 0, work_dir: str | None = None) -> Board:
+    """Start the firmware server: under qemu-aarch64 -cpu CPU when `cpu` is given (emulated arm64
+    board), else natively. It registers with `tracker` (host:port) under `key` when given."""
+    args = ["--host", host, "--port", str(port), "--key", key, "--timeout", str(timeout)]
+    if tracker:
+        args += ["--tracker", tracker]
+    if cpu:
+        if cpu not in QEMU_CPUS:
+            raise QSO3Error(f"unknown emulated CPU {cpu!r}: choose from {', '.join(QEMU_CPUS)}")
+        if shutil.which("qemu-aarch64") is None:
+            raise QSO3Error("the emulated board needs qemu-aarch64 (Debian: apt-get install qemu-user)")
+        label = f"emulated-qemu-{cpu}"
+        cmd = ["qemu-aarch64", "-cpu", cpu, "-L", QEMU_SYSROOT, str(firmware_binary("aarch64"))]
+    else:
+        label = f"native-{platform.machine()}"
+        cmd = [str(firmware_binary(platform.machine()))]
+    work = work_dir or f"/tmp/qso3-board-{label}-{port}"
+    args += ["--work-dir", work, "--label", label]
+    proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_listening(proc, f"board {label} on {host}:{port}")
+    return Board(proc=proc, host=host, port=port, key=key, label=label)
+
+
+def start_tracker(port: int = 9190, host: str = "127.0.0.1") -> subprocess.Popen:
+    """TVM's own RPC tracker (python -m tvm.exec.rpc_tracker) as a child process."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    import socket
+
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise QSO3Error(f"RPC tracker exited: {proc.stdout.read()[-300:]}")
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise QSO3Error(f"RPC tracker did not start on {host}:{port}")
