@@ -9,6 +9,7 @@ import os
 import platform
 import select
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -52,14 +53,24 @@ class Board:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def _signal_all(self, sig: int) -> None:
+        """The server and its session children share a process group (start_new_session)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """Pull the plug: the server and any running session die at once."""
+        self._signal_all(signal.SIGKILL)
+        self.proc.wait()
+
     def stop(self) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self._signal_all(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
     def __enter__(self) -> "Board":
         return self
@@ -101,7 +112,8 @@ def start_board(cpu: str | None = None, port: int = 9090, host: str = "127.0.0.1
         cmd = [str(firmware_binary(platform.machine()))]
     work = work_dir or f"/tmp/qso3-board-{label}-{port}"
     args += ["--work-dir", work, "--label", label]
-    proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     _wait_listening(proc, f"board {label} on {host}:{port}")
     return Board(proc=proc, host=host, port=port, key=key, label=label)
 
@@ -110,7 +122,8 @@ def start_tracker(port: int = 9190, host: str = "127.0.0.1") -> subprocess.Popen
     """TVM's own RPC tracker (python -m tvm.exec.rpc_tracker) as a child process."""
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
+                             "--port-end", str(port + 1)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
     import socket
