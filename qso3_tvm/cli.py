@@ -207,6 +207,33 @@ def board_native(
     _serve(start_board(cpu=None, port=port, host=host, key=key, tracker=tracker, timeout=timeout))
 
 
+@board_app.command("provision")
+@user_errors
+def board_provision(
+    serial: str = typer.Option(..., "--serial", help="console: /dev/ttyUSB0, a pty, socket://host:port"),
+    port: int = typer.Option(9090),
+    key: str = typer.Option("qso3", "--key", "--rpc-key"),
+    tracker: Optional[str] = typer.Option(None, "--tracker", "--rpc-tracker"),
+    server: str = typer.Option("/opt/qso3/qso3-rpc-server", help="server path on the board"),
+    timeout: float = typer.Option(60.0),
+):
+    """Start the RPC server on a board over its serial console and print where it listens."""
+    from .serial_console import provision
+
+    host, port = provision(serial, port=port, key=key, tracker=tracker, server=server, timeout=timeout, log=typer.echo)
+    typer.echo(f"board RPC server at {host}:{port} key={key}")
+
+
+@board_app.command("console")
+@user_errors
+def board_console(serial: str = typer.Option(..., "--serial"), baudrate: int = typer.Option(115200)):
+    """Interactive serial console (pyserial miniterm; Ctrl-] quits)."""
+    from serial.tools import miniterm
+
+    sys.argv = ["miniterm", serial, str(baudrate)]
+    miniterm.main()
+
+
 @app.command()
 @user_errors
 def profile(
