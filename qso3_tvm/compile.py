@@ -30,7 +30,7 @@ from .export import export_energy_forces
 from .int8 import int8_weight_bytes, to_int8
 from .metrics import predict
 from .relax_frontend import import_to_relax
-from .runtime import MANIFEST, CompiledModel, sample_molecules
+from .runtime import MANIFEST, CompiledModel, max_errors, sample_molecules
 from .targets import TargetSpec, resolve_target
 
 LIBRARY = "model.so"
@@ -100,11 +100,6 @@ def reference(model) -> dict:
     mols, names = sample_set(model.cfg.species)
     e_ref, f_ref = predict(model, mols)
     return {"samples": names, "energy_ev": e_ref.tolist(), "forces_ev_per_a": f_ref.tolist()}
-
-
-def max_errors(ref: dict, energies: np.ndarray, forces: np.ndarray) -> dict:
-    return {"max_energy_error_mev": float(np.abs(energies - np.asarray(ref["energy_ev"])).max() * 1e3),
-            "max_force_error_mev_per_a": float(np.abs(forces - np.asarray(ref["forces_ev_per_a"])).max() * 1e3)}
 
 
 def parity(model, artifact: Path, ref: dict) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .data import MoleculeSet
 from .errors import QSO3Error
-from .runtime import CompiledModel, read_manifest, sample_molecules
+from .runtime import CompiledModel, max_errors, read_manifest, sample_molecules
 
 TRACKER_ENV = ("TVM_TRACKER_HOST", "TVM_TRACKER_PORT", "TVM_TRACKER_KEY")
 # profile tolerances: the board runs the same float32 code as the compile-time check
@@ -126,9 +126,7 @@ def profile(artifact: str | Path, rpc: str | None = None, tracker: str | None = 
                        np.concatenate([[0], np.cumsum([len(s[1]) for s in samples])]))
     try:
         energies, forces = remote.predict(mols)
-        ref = manifest["reference"]
-        errors = {"max_energy_error_mev": float(np.abs(energies - np.asarray(ref["energy_ev"])).max() * 1e3),
-                  "max_force_error_mev_per_a": float(np.abs(forces - np.asarray(ref["forces_ev_per_a"])).max() * 1e3)}
+        errors = max_errors(manifest["reference"], energies, forces)
         first = mols.offsets[1]
         timing = {"one_molecule": {"molecule": samples[0][0], "atoms": int(first), **remote.time(mols, [0], repeat, number)},
                   "all_samples": {"molecules": len(samples), **remote.time(mols, range(len(samples)), repeat, number)}}

@@ -40,6 +40,12 @@ def with_ghost(mols: MoleculeSet, frames, species: tuple[int, ...]) -> tuple[Mol
     return MoleculeSet(numbers, positions, offsets), list(range(len(parts) + 1))
 
 
+def max_errors(ref: dict, energies: np.ndarray, forces: np.ndarray) -> dict:
+    """Max abs deviation from a stored reference, in meV and meV/Å."""
+    return {"max_energy_error_mev": float(np.abs(energies - np.asarray(ref["energy_ev"])).max() * 1e3),
+            "max_force_error_mev_per_a": float(np.abs(forces - np.asarray(ref["forces_ev_per_a"])).max() * 1e3)}
+
+
 class CompiledModel:
     """A compiled energy+forces module: loaded here (`CompiledModel(path)`) or on a board over RPC
     (qso3_tvm.deploy.RemoteModel). Subclasses change where the module runs, not the numerics."""
