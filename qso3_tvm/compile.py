@@ -30,7 +30,7 @@ from .export import export_energy_forces
 from .int8 import int8_weight_bytes, to_int8
 from .metrics import predict
 from .relax_frontend import import_to_relax
-from .runtime import MANIFEST, CompiledModel, max_errors, sample_molecules
+from .runtime import MANIFEST, CompiledModel, max_errors, sample_set
 from .targets import TargetSpec, resolve_target
 
 LIBRARY = "model.so"
@@ -83,15 +83,6 @@ def write_library(executable, path: Path, spec: TargetSpec) -> None:
         executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(spec.cross_compiler))
     else:
         executable.export_library(str(path))
-
-
-def sample_set(species) -> tuple[MoleculeSet, list[str]]:
-    samples = sample_molecules(species)
-    if not samples:
-        raise QSO3Error(f"no packaged sample molecule uses only the model's species {species}")
-    mols = MoleculeSet(np.concatenate([s[1] for s in samples]), np.concatenate([s[2] for s in samples]),
-                       np.concatenate([[0], np.cumsum([len(s[1]) for s in samples])]))
-    return mols, [s[0] for s in samples]
 
 
 def reference(model) -> dict:

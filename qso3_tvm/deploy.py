@@ -17,7 +17,7 @@ import numpy as np
 
 from .data import MoleculeSet
 from .errors import QSO3Error
-from .runtime import CompiledModel, max_errors, read_manifest, sample_molecules
+from .runtime import CompiledModel, max_errors, read_manifest, sample_set
 
 TRACKER_ENV = ("TVM_TRACKER_HOST", "TVM_TRACKER_PORT", "TVM_TRACKER_KEY")
 # profile tolerances: the board runs the same float32 code as the compile-time check
@@ -121,14 +121,12 @@ def profile(artifact: str | Path, rpc: str | None = None, tracker: str | None = 
     info = board_info(session)
     log(f"board {info.get('label')} ({info.get('machine')}) via {rpc or tracker}")
     remote = RemoteModel(session, artifact, info)
-    samples = sample_molecules(remote.species)
-    mols = MoleculeSet(np.concatenate([s[1] for s in samples]), np.concatenate([s[2] for s in samples]),
-                       np.concatenate([[0], np.cumsum([len(s[1]) for s in samples])]))
+    mols, samples = sample_set(remote.species)
     try:
         energies, forces = remote.predict(mols)
         errors = max_errors(manifest["reference"], energies, forces)
         first = mols.offsets[1]
-        timing = {"one_molecule": {"molecule": samples[0][0], "atoms": int(first), **remote.time(mols, [0], repeat, number)},
+        timing = {"one_molecule": {"molecule": samples[0], "atoms": int(first), **remote.time(mols, [0], repeat, number)},
                   "all_samples": {"molecules": len(samples), **remote.time(mols, range(len(samples)), repeat, number)}}
     except QSO3Error:
         raise
@@ -139,7 +137,7 @@ def profile(artifact: str | Path, rpc: str | None = None, tracker: str | None = 
     emulated = str(info.get("label", "")).startswith("emulated")
     result = {"artifact": str(artifact), "model": manifest["model"], "target": manifest["target"]["name"],
               "board": info, "emulated": emulated, "verified": verified, "errors_vs_reference": errors,
-              "tolerance_mev": [tol_e, tol_f], "energies_ev": energies.tolist(), "samples": [s[0] for s in samples],
+              "tolerance_mev": [tol_e, tol_f], "energies_ev": energies.tolist(), "samples": samples,
               "timing_ms": timing, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if report_dir is not None:
         result["report"] = write_report(result, Path(report_dir))

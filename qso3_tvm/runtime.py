@@ -30,6 +30,15 @@ def sample_molecules(species: tuple[int, ...]) -> list[tuple[str, np.ndarray, np
     return out
 
 
+def sample_set(species) -> tuple[MoleculeSet, list[str]]:
+    samples = sample_molecules(species)
+    if not samples:
+        raise QSO3Error(f"no packaged sample molecule uses only the model's species {species}")
+    mols = MoleculeSet(np.concatenate([s[1] for s in samples]), np.concatenate([s[2] for s in samples]),
+                       np.concatenate([[0], np.cumsum([len(s[1]) for s in samples])]))
+    return mols, [s[0] for s in samples]
+
+
 def with_ghost(mols: MoleculeSet, frames, species: tuple[int, ...]) -> tuple[MoleculeSet, list[int]]:
     """The chosen frames plus a ghost molecule of two atoms of the first species."""
     parts = [mols.frame(int(f)) for f in frames]
