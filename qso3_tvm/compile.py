@@ -20,11 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .checkpoint import load_model, precision, resolve_model_path
-from .data import MoleculeSet
 from .errors import QSO3Error
 from .export import export_energy_forces
 from .int8 import int8_weight_bytes, to_int8

@@ -76,7 +76,8 @@ def test_unknown_element(tmp_path):
 
 
 def test_extxyz_roundtrip(tmp_path):
-    ase = pytest.importorskip("ase")
+    pytest.importorskip("ase")
+    import ase
     import ase.io
     from ase.calculators.singlepoint import SinglePointCalculator
 

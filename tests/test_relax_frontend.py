@@ -9,7 +9,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
-from qso3_tvm.export import batch_inputs, example_batch, export_energy_forces
+from qso3_tvm.export import batch_inputs, export_energy_forces
 from qso3_tvm.quant import QuantConfig, quantize_model
 from qso3_tvm.relax_frontend import import_to_relax
 from qso3_tvm.testing import model_energy_forces, random_molecule, tiny_model
