@@ -31,3 +31,24 @@ def evaluate(model: str, data: str, lee_frames: int = 100, max_frames: int = 0) 
     result = {"model": str(model), "data": str(data), "precision": precision(net), "backend": "torch"}
     result.update(evaluate_model(net, mols, lee_frames=lee_frames))
     return result
+
+
+def demo(model: str = "ethanol-int8", target: str = "arm64-cortex-a76", cpu: str = "cortex-a76",
+         out: str | Path = "build/demo", repeat: int = 5, report_dir: str | Path = "reports", log=print) -> dict:
+    """The pipeline on built-in defaults: compile a bundled model for an arm64 board, bring up an
+    emulated board (qemu) running the firmware RPC server, profile the artifact there (verified
+    against the compile-time reference), stop the board."""
+    import socket
+
+    from .board import start_board
+    from .compile import compile_model
+    from .deploy import profile
+
+    artifact = Path(out) / target
+    compile_model(model, target, artifact, log=log)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with start_board(cpu=cpu, port=port, key="demo") as board:
+        log(f"emulated board {board.label} listening on {board.address}")
+        return profile(artifact, rpc=board.address, key="demo", repeat=repeat, report_dir=report_dir, log=log)

@@ -265,6 +265,27 @@ def profile(
 
 @app.command()
 @user_errors
+def demo(
+    model: str = typer.Argument("ethanol-int8", help="bundled model name or checkpoint"),
+    target: str = typer.Option("arm64-cortex-a76", "--target"),
+    cpu: str = typer.Option("cortex-a76", help="emulated board CPU (qemu)"),
+    out: Path = typer.Option(Path("build/demo"), "-o", "--out"),
+    repeat: int = typer.Option(5),
+):
+    """Main job on built-in defaults: compile -> emulated arm64 board over RPC -> verified profile."""
+    from .api import demo as run
+
+    result = run(model, target=target, cpu=cpu, out=out, repeat=repeat, log=typer.echo)
+    err = result["errors_vs_reference"]
+    typer.echo(f"verified on {result['board']['label']}: max |dE| {err['max_energy_error_mev']:.4f} meV, "
+               f"max |dF| {err['max_force_error_mev_per_a']:.4f} meV/Å vs PyTorch")
+    t = result["timing_ms"]["one_molecule"]
+    typer.echo(f"{t['molecule']}: median {t['median']:.1f} ms per energy+forces call (emulated: not board speed)")
+    typer.echo(f"report: {result['report']}.md")
+
+
+@app.command()
+@user_errors
 def models():
     """List the bundled models."""
     from .checkpoint import BUNDLED, load_payload

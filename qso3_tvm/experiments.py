@@ -101,21 +101,28 @@ def quantization_report(molecule: str, runs: Path, common: list[str], lee_frames
     return results
 
 
-def write_quantization_md(path: Path, blocks: dict[str, list[dict]], header: str) -> None:
-    lines = [header, ""]
+ROW_ORDER = [name for name, _, _ in ablation_rows("m", Path("."), [])]
+
+
+def quantization_md(blocks: dict[str, list[dict]], notes: str) -> str:
+    lines = ["# Quantization: ablation on rMD17 and QM9", "", notes, ""]
     for molecule, rows in blocks.items():
+        rows = sorted(rows, key=lambda r: ROW_ORDER.index(r["row"]) if r["row"] in ROW_ORDER else 99)
+        fp32 = next((r for r in rows if r["precision"] == "fp32"), None)
         lines += [f"## {molecule}", "",
-                  "| row | precision | E MAE (meV) | F MAE (meV/Å) | LEE (meV/Å) | weight bytes | train time (s) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| row | precision | E MAE (meV) | F MAE (meV/Å) | LEE (meV/Å) | E / fp32 | F / fp32 | weight bytes | QAT time (s) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
+            ratio = lambda k: fmt(r.get(k, float("nan")) / fp32[k]) if fp32 and k in fp32 and k in r else "n/a"  # noqa: E731
             lines.append(f"| {r['row']} | {r['precision']} | {fmt(r.get('energy_mae_mev'))} | "
-                         f"{fmt(r.get('force_mae_mev_per_a'))} | {fmt(r['lee_mev_per_a'], 3)} | {r['weight_bytes']:,} | "
-                         f"{fmt(r['train_seconds'], 0)} |")
-        lines += ["", "Commands:", ""]
+                         f"{fmt(r.get('force_mae_mev_per_a'))} | {fmt(r['lee_mev_per_a'], 3)} | {ratio('energy_mae_mev')} | "
+                         f"{ratio('force_mae_mev_per_a')} | {r['weight_bytes']:,} | "
+                         f"{'(fp32 training)' if r['precision'] == 'fp32' else fmt(r['train_seconds'], 0)} |")
+        lines += ["", f"Test frames: {rows[0]['n_frames']}; LEE over {rows[0]['lee_frames']} of them.", "", "Commands:", ""]
         for r in rows:
             lines += [f"- {r['row']}:"] + [f"  `{c}`" for c in r["commands"]]
         lines.append("")
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- fp32 accuracy
@@ -152,7 +159,16 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--runs", type=Path, default=Path("runs"))
     a.add_argument("--molecules", nargs="*", default=["ethanol", "aspirin"])
     a.add_argument("--lee-frames", type=int, default=100)
+    w = sub.add_parser("write", help="reports/quantization.md from reports/quantization_*.json")
+    w.add_argument("--notes", type=Path, help="markdown inserted under the title")
     args = p.parse_args(argv)
+    if args.what == "write":
+        blocks = {}
+        for path in sorted(Path("reports").glob("quantization_*.json")):
+            molecule = path.stem.split("_")[1]
+            blocks.setdefault(molecule, []).extend(json.loads(path.read_text()))
+        notes = args.notes.read_text() if args.notes else ""
+        Path("reports/quantization.md").write_text(quantization_md(blocks, notes))
     if args.what == "accuracy":
         rows = accuracy_rows(args.runs, args.molecules, args.lee_frames)
         Path("reports/accuracy.json").write_text(json.dumps(rows, indent=1))
