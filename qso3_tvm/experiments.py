@@ -75,8 +75,17 @@ def ablation_rows(molecule: str, runs: Path, common: list[str]) -> list[tuple[st
     ]
 
 
+def merge_json(out: Path, rows: list[dict]) -> None:
+    """Replace rows of the same name in `out` (written atomically after every finished row)."""
+    old = json.loads(out.read_text()) if out.exists() else []
+    names = {r["row"] for r in rows}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps([r for r in old if r["row"] not in names] + rows, indent=1))
+    os.replace(tmp, out)
+
+
 def quantization_report(molecule: str, runs: Path, common: list[str], lee_frames: int, max_frames: int,
-                        only: list[int] | None) -> list[dict]:
+                        only: list[int] | None, out: Path) -> list[dict]:
     data = molecule
     results = []
     for i, (name, base, flags) in enumerate(ablation_rows(molecule, runs, common)):
@@ -98,6 +107,7 @@ def quantization_report(molecule: str, runs: Path, common: list[str], lee_frames
         commands.append(cmd)
         results.append({"row": name, **metrics, "weight_bytes": weight_bytes(load_model(model_path)),
                         "train_seconds": training_seconds(run), "commands": commands})
+        merge_json(out, results[-1:])
     return results
 
 
@@ -174,14 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         Path("reports/accuracy.json").write_text(json.dumps(rows, indent=1))
         json.dump(rows, sys.stdout, indent=1)
     if args.what == "quantization":
-        rows = quantization_report(args.molecule, args.runs, shlex.split(args.qflags), args.lee_frames, args.max_frames, args.rows)
         out = args.json or Path(f"reports/quantization_{args.molecule}.json")
-        old = json.loads(out.read_text()) if out.exists() else []
-        names = {r["row"] for r in rows}
-        merged = [r for r in old if r["row"] not in names] + rows
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(merged, indent=1))
-        os.replace(tmp, out)
+        rows = quantization_report(args.molecule, args.runs, shlex.split(args.qflags), args.lee_frames,
+                                   args.max_frames, args.rows, out)
         json.dump(rows, sys.stdout, indent=1)
 
 
