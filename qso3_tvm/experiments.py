@@ -154,6 +154,20 @@ def accuracy_rows(runs: Path, molecules: list[str], lee_frames: int) -> list[dic
     return rows
 
 
+def accuracy_md(rows: list[dict], notes: str) -> str:
+    lines = ["# fp32 accuracy on rMD17 (split 01)", "",
+             f"Hardware: {cpu_name()}; training on 1 thread (`--threads 1`) while other runs shared the 2 cores.", "",
+             "| molecule | test frames | E MAE (meV) | F MAE (meV/Å) | LEE (meV/Å) | epochs | train time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['molecule']} | {r['n_frames']} | {fmt(r['energy_mae_mev'])} | {fmt(r['force_mae_mev_per_a'])} | "
+                     f"{fmt(r['lee_mev_per_a'], 4)} | {r['epochs_run']}/{r['epochs_planned']} | {fmt(r['train_seconds'], 0)} |")
+    lines += ["", "Commands (train, then evaluate on the test split):", ""]
+    for r in rows:
+        lines += [f"- {r['molecule']}: `{r['train_command']}`", f"  `{r['eval_command']}`"]
+    return "\n".join(lines + ["", notes, ""])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m qso3_tvm.experiments")
     sub = p.add_subparsers(dest="what", required=True)
@@ -169,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--runs", type=Path, default=Path("runs"))
     a.add_argument("--molecules", nargs="*", default=["ethanol", "aspirin"])
     a.add_argument("--lee-frames", type=int, default=100)
+    a.add_argument("--notes", type=Path, help="markdown appended under the table")
     w = sub.add_parser("write", help="reports/quantization.md from reports/quantization_*.json")
     w.add_argument("--notes", type=Path, help="markdown inserted under the title")
     args = p.parse_args(argv)
@@ -182,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "accuracy":
         rows = accuracy_rows(args.runs, args.molecules, args.lee_frames)
         Path("reports/accuracy.json").write_text(json.dumps(rows, indent=1))
+        Path("reports/accuracy.md").write_text(accuracy_md(rows, args.notes.read_text() if args.notes else ""))
         json.dump(rows, sys.stdout, indent=1)
     if args.what == "quantization":
         out = args.json or Path(f"reports/quantization_{args.molecule}.json")
