@@ -37,8 +37,11 @@ def evaluate_json(model: str, data: str, extra: list[str] = ()) -> tuple[dict, s
 
 
 def training_seconds(run: Path) -> float:
-    rows = list(csv.DictReader(open(run / "log.csv")))
-    return float(rows[-1]["seconds"]) if rows else float("nan")
+    """Wall time over all segments of a run (the clock restarts when a run is resumed)."""
+    seconds = [float(r["seconds"]) for r in csv.DictReader(open(run / "log.csv"))]
+    if not seconds:
+        return float("nan")
+    return sum(prev for prev, cur in zip(seconds, seconds[1:]) if cur < prev) + seconds[-1]
 
 
 def cpu_name() -> str:
