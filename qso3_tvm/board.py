@@ -11,6 +11,7 @@ import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Board:
     port: int
     key: str
     label: str
+    work_dir: str | None = None  # removed on stop when start_board made it
 
     @property
     def address(self) -> str:
@@ -71,6 +73,8 @@ class Board:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.kill()
+        if self.work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def __enter__(self) -> "Board":
         return self
@@ -110,12 +114,17 @@ def start_board(cpu: str | None = None, port: int = 9090, host: str = "127.0.0.1
     else:
         label = f"native-{platform.machine()}"
         cmd = [str(firmware_binary(platform.machine()))]
-    work = work_dir or f"/tmp/qso3-board-{label}-{port}"
+    work = work_dir or tempfile.mkdtemp(prefix=f"qso3-board-{label}-")
     args += ["--work-dir", work, "--label", label]
     proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    _wait_listening(proc, f"board {label} on {host}:{port}")
-    return Board(proc=proc, host=host, port=port, key=key, label=label)
+    try:
+        _wait_listening(proc, f"board {label} on {host}:{port}")
+    except QSO3Error:
+        if not work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Board(proc=proc, host=host, port=port, key=key, label=label, work_dir=None if work_dir else work)
 
 
 def start_tracker(port: int = 9190, host: str = "127.0.0.1") -> subprocess.Popen:
