@@ -146,13 +146,18 @@ def accuracy_rows(runs: Path, molecules: list[str], lee_frames: int) -> list[dic
         if not (run / "best.pt").exists():
             print(f"skip {mol}: {run}/best.pt missing", flush=True)
             continue
-        metrics, cmd = evaluate_json(str(run / "best.pt"), mol, ["--lee-frames", str(lee_frames)])
+        done = [r for path in Path("reports").glob(f"quantization_{mol}*.json") for r in json.loads(path.read_text())
+                if r["row"] == "fp32" and r.get("lee_frames") == lee_frames and r["n_frames"] > 100]
+        if done:  # the ablation's fp32 row ran exactly this evaluation
+            metrics, cmd = {k: v for k, v in done[0].items() if k not in ("row", "commands")}, done[0]["commands"][-1]
+        else:
+            metrics, cmd = evaluate_json(str(run / "best.pt"), mol, ["--lee-frames", str(lee_frames)])
         log = list(csv.DictReader(open(run / "log.csv")))
         train_cfg = json.loads(json.dumps(__import__("torch").load(run / "last.pt", weights_only=True)["train"]))
         rows.append({"molecule": mol, **metrics, "epochs_run": len(log), "epochs_planned": train_cfg["epochs"],
                      "train_seconds": training_seconds(run), "max_minutes": train_cfg["max_minutes"],
                      "train_command": f"qso3-tvm train --data {mol} -o {run} --epochs {train_cfg['epochs']} "
-                                      f"--max-minutes {train_cfg['max_minutes']:g} --threads {train_cfg['threads']}",
+                                      f"--threads {train_cfg['threads']}",
                      "eval_command": cmd})
     return rows
 
