@@ -75,6 +75,7 @@ def ablation_rows(molecule: str, runs: Path, common: list[str]) -> list[tuple[st
         ("full + LEE penalty 1e-3", l2, common + ["--lee-weight", "1e-3"]),
         ("full + LEE penalty 1e-4", l2, common + ["--lee-weight", "1e-4"]),
         ("full + LEE penalty 1e-5", l2, common + ["--lee-weight", "1e-5"]),
+        ("fp32 (plain dot-product attention)", dot, None),
     ]
 
 
