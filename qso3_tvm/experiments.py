@@ -122,7 +122,7 @@ def quantization_md(blocks: dict[str, list[dict]], notes: str) -> str:
     lines = ["# Quantization: ablation on rMD17 and QM9", "", notes, ""]
     for molecule, rows in blocks.items():
         rows = sorted(rows, key=lambda r: ROW_ORDER.index(r["row"]) if r["row"] in ROW_ORDER else 99)
-        fp32 = next((r for r in rows if r["precision"] == "fp32"), None)
+        fp32 = next((r for r in rows if r["row"] == "fp32"), None)
         lines += [f"## {molecule}", "",
                   "| row | precision | E MAE (meV) | F MAE (meV/Å) | LEE (meV/Å) | E / fp32 | F / fp32 | weight bytes | QAT time (s) |",
                   "|---|---|---|---|---|---|---|---|---|"]
