@@ -38,17 +38,12 @@ def demo(model: str = "ethanol-int8", target: str = "arm64-cortex-a76", cpu: str
     """The pipeline on built-in defaults: compile a bundled model for an arm64 board, bring up an
     emulated board (qemu) running the firmware RPC server, profile the artifact there (verified
     against the compile-time reference), stop the board."""
-    import socket
-
-    from .board import start_board
+    from .board import free_port, start_board
     from .compile import compile_model
     from .deploy import profile
 
     artifact = Path(out) / target
     compile_model(model, target, artifact, log=log)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with start_board(cpu=cpu, port=port, key="demo") as board:
+    with start_board(cpu=cpu, port=free_port(), key="demo") as board:
         log(f"emulated board {board.label} listening on {board.address}")
         return profile(artifact, rpc=board.address, key="demo", repeat=repeat, report_dir=report_dir, log=log)

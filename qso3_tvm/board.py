@@ -10,6 +10,7 @@ import platform
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +22,13 @@ from .errors import QSO3Error
 FIRMWARE_DIR = Path(os.environ.get("QSO3_FIRMWARE_DIR", Path(__file__).resolve().parents[1] / "firmware"))
 QEMU_SYSROOT = "/usr/aarch64-linux-gnu"
 QEMU_CPUS = ("cortex-a53", "cortex-a72", "cortex-a76", "neoverse-n1", "max")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def firmware_binary(arch: str) -> Path:
@@ -135,8 +143,6 @@ def start_tracker(port: int = 9190, host: str = "127.0.0.1") -> subprocess.Popen
                              "--port-end", str(port + 1)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
-    import socket
-
     while time.time() < deadline:
         if proc.poll() is not None:
             raise QSO3Error(f"RPC tracker exited: {proc.stdout.read()[-300:]}")

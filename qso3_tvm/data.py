@@ -60,6 +60,14 @@ class MoleculeSet:
             forces=None if self.forces is None else self.forces[atom_idx], name=self.name)
 
     @classmethod
+    def from_molecules(cls, molecules) -> "MoleculeSet":
+        """Frames from a list of (numbers (n,), positions (n, 3)) of any sizes."""
+        molecules = list(molecules)
+        return cls(numbers=np.concatenate([np.asarray(z, np.int64) for z, _ in molecules]),
+                   positions=np.concatenate([np.asarray(p, np.float64) for _, p in molecules]),
+                   offsets=np.concatenate([[0], np.cumsum([len(z) for z, _ in molecules])]).astype(np.int64))
+
+    @classmethod
     def from_frames(cls, numbers: np.ndarray, coords: np.ndarray, energies=None, forces=None, name="") -> "MoleculeSet":
         """Same molecule in every frame: numbers (n_atoms,), coords (n_frames, n_atoms, 3)."""
         n_frames, n_atoms = coords.shape[:2]

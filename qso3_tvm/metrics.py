@@ -42,16 +42,16 @@ def local_equivariance_error(forces_fn: ForcesFn, numbers: np.ndarray, pos: np.n
     return float(np.mean(errs))
 
 
-def eager_forces_fn(model: So3krates) -> ForcesFn:
-    cfg = model.cfg
+def eager_energy_forces(model: So3krates, numbers: np.ndarray, pos: np.ndarray) -> tuple[float, np.ndarray]:
+    """Interaction energy (eV) and forces (eV/Å) of one molecule with the eager model."""
     dtype = next(model.parameters()).dtype
+    batch = make_batch(MoleculeSet.from_molecules([(numbers, pos)]), [0], model.cfg.species, model.cfg.cutoff, dtype)
+    e, f = energy_and_forces(model, batch)
+    return float(e.detach()), f.detach().double().numpy()
 
-    def fn(numbers, pos):
-        mols = MoleculeSet(numbers, pos, np.array([0, len(numbers)]))
-        _, f = energy_and_forces(model, make_batch(mols, [0], cfg.species, cfg.cutoff, dtype))
-        return f.detach().double().numpy()
 
-    return fn
+def eager_forces_fn(model: So3krates) -> ForcesFn:
+    return lambda numbers, pos: eager_energy_forces(model, numbers, pos)[1]
 
 
 def predict(model: So3krates, mols: MoleculeSet, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:

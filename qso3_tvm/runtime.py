@@ -34,19 +34,14 @@ def sample_set(species) -> tuple[MoleculeSet, list[str]]:
     samples = sample_molecules(species)
     if not samples:
         raise QSO3Error(f"no packaged sample molecule uses only the model's species {species}")
-    mols = MoleculeSet(np.concatenate([s[1] for s in samples]), np.concatenate([s[2] for s in samples]),
-                       np.concatenate([[0], np.cumsum([len(s[1]) for s in samples])]))
-    return mols, [s[0] for s in samples]
+    return MoleculeSet.from_molecules((z, p) for _, z, p in samples), [s[0] for s in samples]
 
 
 def with_ghost(mols: MoleculeSet, frames, species: tuple[int, ...]) -> tuple[MoleculeSet, list[int]]:
     """The chosen frames plus a ghost molecule of two atoms of the first species."""
     parts = [mols.frame(int(f)) for f in frames]
     ghost = (np.full(2, species[0]), np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
-    numbers = np.concatenate([p[0] for p in parts] + [ghost[0]])
-    positions = np.concatenate([p[1] for p in parts] + [ghost[1]])
-    offsets = np.concatenate([[0], np.cumsum([len(p[0]) for p in parts] + [2])])
-    return MoleculeSet(numbers, positions, offsets), list(range(len(parts) + 1))
+    return MoleculeSet.from_molecules(parts + [ghost]), list(range(len(parts) + 1))
 
 
 def max_errors(ref: dict, energies: np.ndarray, forces: np.ndarray) -> dict:
@@ -97,8 +92,7 @@ class CompiledModel:
         return (energy.astype(np.float64) + shift)[:-1], forces[:n_real].astype(np.float64)
 
     def energy_forces(self, numbers: np.ndarray, positions: np.ndarray) -> tuple[float, np.ndarray]:
-        mols = MoleculeSet(np.asarray(numbers, np.int64), np.asarray(positions, np.float64), np.array([0, len(numbers)]))
-        e, f = self.run_batch(mols, [0])
+        e, f = self.run_batch(MoleculeSet.from_molecules([(numbers, positions)]), [0])
         return float(e[0]), f
 
     def forces_fn(self):

@@ -191,13 +191,18 @@ class Trainer:
         return {"epochs": self.epoch, key: self.best, "seconds": time.time() - start}
 
 
-def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = True) -> dict:
-    """Train fp32 (or resume from out/last.pt) and return a summary; best EMA weights in out/best.pt."""
+def start_run(cfg: TrainConfig, resume: bool) -> dict | None:
+    """Set torch threads; the state of an interrupted run (out/last.pt) when resuming, else None."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    mols = load_dataset(cfg.data, "train")
     last = Path(cfg.out) / "last.pt"
-    state = torch.load(last, map_location="cpu", weights_only=True) if resume and last.exists() else None
+    return torch.load(last, map_location="cpu", weights_only=True) if resume and last.exists() else None
+
+
+def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = True) -> dict:
+    """Train fp32 (or resume from out/last.pt) and return a summary; best EMA weights in out/best.pt."""
+    mols = load_dataset(cfg.data, "train")
+    state = start_run(cfg, resume)
     if state is not None:
         model_cfg = ModelConfig.from_dict(state["config"])
     else:
@@ -216,12 +221,9 @@ def train_qat(cfg: TrainConfig, fp32_model: str, qcfg, resume: bool = True) -> d
     from .checkpoint import build_model, load_model
     from .quant import param_groups, quantize_model, set_stage
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     mols = load_dataset(cfg.data, "train")
     train_idx, _ = split_indices(cfg, mols)
-    last = Path(cfg.out) / "last.pt"
-    state = torch.load(last, map_location="cpu", weights_only=True) if resume and last.exists() else None
+    state = start_run(cfg, resume)
     if state is not None:
         model = build_model(state["config"], state["quant"])
     else:

@@ -2,14 +2,13 @@
 TVM's own tracker, remote profiling and its failure modes. Every process a test starts, it stops."""
 
 import shutil
-import socket
 import threading
 
 import pytest
 import torch
 from tvm import rpc
 
-from qso3_tvm.board import start_board, start_tracker
+from qso3_tvm.board import free_port, start_board, start_tracker
 from qso3_tvm.checkpoint import save_model
 from qso3_tvm.compile import compile_model
 from qso3_tvm.deploy import RemoteModel, connect, profile
@@ -21,11 +20,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs qemu-user and g++-aarch64-linux-gnu")
 SHIFT = [-13.6, -1030.0, -1480.0, -2040.0, -2700.0]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

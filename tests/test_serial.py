@@ -3,22 +3,16 @@
 import os
 import platform
 import signal
-import socket
 import subprocess
 import threading
 
 import pytest
 
-from qso3_tvm.board import firmware_binary
+from qso3_tvm.board import firmware_binary, free_port
 from qso3_tvm.deploy import board_info, connect
 from qso3_tvm.errors import QSO3Error
 from qso3_tvm.serial_console import provision
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeBoardShell(threading.Thread):
