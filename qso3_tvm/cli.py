@@ -286,6 +286,44 @@ def demo(
 
 @app.command()
 @user_errors
+def md(
+    model: str = typer.Argument(..., help="checkpoint path / bundled model name, or a compiled artifact folder"),
+    data: str = typer.Option(..., help="start geometry: rMD17 molecule (test split), .npz or .extxyz"),
+    out: Path = typer.Option(..., "-o", "--out", help="output folder (traj.extxyz, log.csv, energy.png, summary.json)"),
+    frame: int = typer.Option(0, help="frame of --data to start from"),
+    ensemble: str = typer.Option("nve", help="nve (VelocityVerlet) or langevin"),
+    steps: Optional[int] = typer.Option(None, help="number of steps (default 1000)"),
+    time_ps: Optional[float] = typer.Option(None, help="simulated time in ps (instead of --steps)"),
+    dt_fs: float = typer.Option(0.5, help="time step (fs)"),
+    temperature: float = typer.Option(300.0, help="K: Maxwell-Boltzmann start velocities and Langevin bath"),
+    friction: float = typer.Option(10.0, help="Langevin friction (1/ps)"),
+    seed: int = typer.Option(0),
+    traj_every: int = typer.Option(20, help="write a trajectory frame every N steps"),
+    log_every: int = typer.Option(1, help="log energies and check stability every N steps"),
+    max_com_distance: float = typer.Option(10.0, help="Å from the centre of mass beyond which an atom counts as lost"),
+    rpc: Optional[str] = typer.Option(None, "--rpc", help="run the artifact on a board HOST:PORT"),
+    rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="tracker HOST:PORT"),
+    rpc_key: Optional[str] = typer.Option(None, "--rpc-key"),
+    threads: int = typer.Option(0, help="torch / TVM threads (0: default)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+):
+    """Molecular dynamics (NVE or Langevin) with stability checks and energy-drift summary."""
+    try:
+        from .md import MDConfig, run
+    except ImportError as e:
+        raise QSO3Error(f"md needs ASE: pip install 'qso3-tvm[ase]' ({e})") from None
+
+    cfg = MDConfig(ensemble=ensemble, steps=steps, time_ps=time_ps, dt_fs=dt_fs, temperature=temperature,
+                   friction=friction, seed=seed, traj_every=traj_every, log_every=log_every,
+                   max_com_distance=max_com_distance)
+    summary = run(model, data, cfg, out, frame=frame, rpc=rpc, tracker=rpc_tracker, key=rpc_key, threads=threads,
+                  log=(lambda *_: None) if as_json else typer.echo)
+    if as_json:
+        typer.echo(json.dumps(summary))
+
+
+@app.command()
+@user_errors
 def models():
     """List the bundled models."""
     from .checkpoint import BUNDLED, load_payload

@@ -1,0 +1,166 @@
+"""ASE calculator (eager and compiled: forces are -dE/dx, input errors) and `qso3-tvm md` (outputs,
+stability checks, atomic writes, bad input)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from typer.testing import CliRunner
+
+from qso3_tvm import md as qmd
+from qso3_tvm.calculator import QSO3Calculator, check_size
+from qso3_tvm.checkpoint import save_model
+from qso3_tvm.cli import app
+from qso3_tvm.compile import compile_model
+from qso3_tvm.data import load_rmd17
+from qso3_tvm.errors import QSO3Error
+from qso3_tvm.testing import tiny_model
+
+runner = CliRunner()
+SHIFT = [-13.6, -1030.0, -1480.0, -2040.0, -2700.0]
+OUTPUTS = {"traj.extxyz", "log.csv", "energy.png", "summary.json"}
+
+
+@pytest.fixture(scope="module")
+def eager_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny64.pt"
+    save_model(path, tiny_model(torch.float64, seed=2, energy_shift=SHIFT))
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("art")
+    save_model(tmp / "tiny32.pt", tiny_model(torch.float32, seed=2, layers=1, energy_shift=SHIFT))  # 1 layer: faster build
+    compile_model(str(tmp / "tiny32.pt"), "x86-64", tmp / "x86", log=lambda *_: None)
+    return tmp / "x86"
+
+
+@pytest.fixture
+def ethanol(ethanol_test):
+    numbers, positions = load_rmd17(ethanol_test).frame(0)
+    return Atoms(numbers=numbers, positions=positions)
+
+
+def fd_forces(atoms, h):
+    """-dE/dx by central differences."""
+    out = np.zeros((len(atoms), 3))
+    for i in range(len(atoms)):
+        for k in range(3):
+            e = []
+            for s in (h, -h):
+                a = atoms.copy()
+                a.calc = atoms.calc
+                a.positions[i, k] += s
+                e.append(a.get_potential_energy())
+            out[i, k] = -(e[0] - e[1]) / (2 * h)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["eager", "compiled"])
+def test_forces_are_minus_energy_gradient(kind, eager_ckpt, artifact, ethanol):
+    if kind == "eager":  # checkpoints load as float32; cast back to the saved float64
+        calc = QSO3Calculator.from_checkpoint(eager_ckpt, dtype=torch.float64)
+    else:
+        calc = QSO3Calculator.from_compiled(artifact, threads=1)
+    ethanol.calc = calc
+    forces = ethanol.get_forces()
+    # float64: round-off ~1e-9; float32 (compiled): energy round-off / 2h and force round-off dominate
+    h, tol = (1e-4, 1e-6) if kind == "eager" else (5e-3, 2e-3)
+    assert np.abs(fd_forces(ethanol, h) - forces).max() <= tol * max(1.0, np.abs(forces).max())
+    shift = sum(SHIFT[[1, 6, 7, 8, 9].index(z)] for z in ethanol.numbers)
+    assert abs(ethanol.get_potential_energy() - shift) < 50  # the total energy includes the element shifts
+
+
+def test_eager_and_compiled_agree(artifact, ethanol):
+    e = [QSO3Calculator.from_checkpoint(artifact.parent / "tiny32.pt").get_potential_energy(ethanol),
+         QSO3Calculator.from_compiled(artifact).get_potential_energy(ethanol)]
+    assert e[0] == pytest.approx(e[1], abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["eager", "compiled"])
+def test_unknown_element_and_periodic_cell_raise(kind, eager_ckpt, artifact, ethanol):
+    calc = QSO3Calculator.from_checkpoint(eager_ckpt) if kind == "eager" else QSO3Calculator.from_compiled(artifact)
+    ethanol.numbers[0] = 16
+    with pytest.raises(QSO3Error, match=r"Z=\[16\] not known to the model"):
+        calc.get_forces(ethanol)
+    ethanol.numbers[0] = 6
+    ethanol.pbc = True
+    with pytest.raises(QSO3Error, match="periodic"):
+        calc.get_forces(ethanol)
+
+
+def test_size_limits_from_manifest(artifact, ethanol):
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    z, pos = ethanol.numbers, ethanol.positions
+    check_size(manifest, z, pos)  # symbolic sizes: no upper bound
+    manifest["inputs"]["bounds"]["atoms"] = [2, 8]
+    with pytest.raises(QSO3Error, match=r"11 atoms per call .* bounds \[2, 8\]"):
+        check_size(manifest, z, pos)
+    manifest["inputs"]["bounds"]["atoms"] = [2, None]
+    manifest["inputs"]["buckets"] = [[16, 64, 2], {"atoms": 32, "edges": 1024}]
+    check_size(manifest, z, pos)  # fits the second bucket (72 + 2 ghost edges)
+    manifest["inputs"]["buckets"] = [[16, 64, 2], [12, 80, 1]]
+    with pytest.raises(QSO3Error, match="does not fit any compiled size bucket"):
+        check_size(manifest, z, pos)
+
+
+def run_cli(model, out, data, *extra):
+    return runner.invoke(app, ["md", str(model), "--data", str(data), "-o", str(out), "--steps", "20",
+                               "--traj-every", "5", "--threads", "1", "--json", *extra])
+
+
+@pytest.mark.parametrize("kind,ensemble", [("eager", "nve"), ("eager", "langevin"), ("compiled", "nve")])
+def test_md_cli_writes_outputs(kind, ensemble, eager_ckpt, artifact, ethanol_test, tmp_path):
+    r = run_cli(eager_ckpt if kind == "eager" else artifact, tmp_path, ethanol_test, "--ensemble", ensemble)
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in tmp_path.iterdir()} == OUTPUTS  # no temporary files left
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == json.loads(r.stdout)
+    assert summary["steps_done"] == 20 and summary["n_atoms"] == 9 and summary["stability"]["bonds"] == 8
+    assert summary["backend"].startswith("torch" if kind == "eager" else "tvm")
+    assert ("drift_mev_per_atom_per_ps" in summary["energy"]) == (ensemble == "nve")
+    with open(tmp_path / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 21 and float(rows[0]["temperature_k"]) == pytest.approx(300.0)
+    assert (tmp_path / "traj.extxyz").read_text().count("Properties=") == 5  # steps 0, 5, 10, 15, 20
+
+
+def free_atoms_calc():
+    """No forces at all: a hot molecule flies apart, so every stability check must fire."""
+    return QSO3Calculator(lambda z, pos: (0.0, np.zeros((len(z), 3))), (1, 6, 8), "test:free")
+
+
+def test_stability_checks_flag_a_molecule_flying_apart(ethanol, tmp_path):
+    cfg = qmd.MDConfig(steps=40, temperature=1e5, max_com_distance=3.0)
+    s = qmd.run_md(ethanol, free_atoms_calc(), cfg, tmp_path, log=lambda *_: None)
+    events = s["stability"]["events"]
+    assert not s["stable"] and events["bond"] is not None and events["atom_lost"] is not None
+    assert s["energy"]["drift_mev_per_atom_per_ps"] == pytest.approx(0.0, abs=1e-9)  # free flight conserves Ekin
+
+
+def test_interrupted_run_leaves_no_summary(ethanol, tmp_path, monkeypatch):
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    (tmp_path / "summary.json").write_text("{}")  # a stale summary from an earlier run goes too
+    monkeypatch.setattr(qmd, "write_plot", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        qmd.run_md(ethanol, free_atoms_calc(), qmd.MDConfig(steps=5), tmp_path, log=lambda *_: None)
+    assert {p.name for p in tmp_path.iterdir()} == {"traj.extxyz", "log.csv"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "missing.npz"], "dataset file not found"),
+    (["--frame", "999"], "--frame 999 out of range"),
+    (["--time-ps", "1"], "not both"),
+    (["--ensemble", "npt"], "--ensemble must be one of"),
+])
+def test_md_cli_bad_input(args, message, eager_ckpt, ethanol_test, tmp_path):
+    base = ["md", str(eager_ckpt), "--data", str(ethanol_test), "-o", str(tmp_path / "out"), "--steps", "5"]
+    r = runner.invoke(app, base + args)
+    assert r.exit_code == 2 and message in r.stderr and r.stderr.startswith("error:")
+    assert not (tmp_path / "out" / "summary.json").exists()
