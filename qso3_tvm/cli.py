@@ -333,6 +333,52 @@ def models():
         typer.echo(f"{name:16s} {json.dumps(meta)}")
 
 
+@app.command()
+@user_errors
+def bench(
+    model_fp32: str = typer.Option("ethanol-fp32", help="fp32 checkpoint (eager, torch.compile, ONNX, TVM fp32)"),
+    model_int8: str = typer.Option("ethanol-int8", help="int8 QAT checkpoint (TVM int8 routes)"),
+    routes: str = typer.Option("eager-fp32,compile-fp32,ort-fp32,ort-int8,tvm-fp32,tvm-int8,tvm-int8-tuned",
+                               help="comma-separated: eager-fp32, eager-int8, compile-fp32, ort-fp32, ort-int8, "
+                                    "tvm-fp32, tvm-int8, tvm-int8-tuned"),
+    workloads: str = typer.Option("ethanol-b1,aspirin-b1,qm9-b32", help="ethanol-b1, aspirin-b1, qm9-bN"),
+    modes: str = typer.Option("E,E+F", help="E (energy only), E+F (energy and forces)"),
+    threads: str = typer.Option("1,2", help="thread counts, one set of route processes each"),
+    rounds: int = typer.Option(7, help="alternating rounds per case"),
+    budget_ms: float = typer.Option(300.0, help="timed milliseconds per route per round (at least one call)"),
+    max_calls: int = typer.Option(50, help="timed calls per route per round at most"),
+    warmup: int = typer.Option(3, help="untimed calls per case at setup"),
+    target: str = typer.Option("x86-avx512", "--target", help="target for artifacts compiled here"),
+    tvm_fp32: Optional[Path] = typer.Option(None, "--tvm-fp32", help="fp32 artifact folder (else compiled into the cache)"),
+    tvm_int8: Optional[Path] = typer.Option(None, "--tvm-int8", help="int8 artifact folder (else compiled into the cache)"),
+    tvm_int8_tuned: Optional[Path] = typer.Option(None, "--tvm-int8-tuned", help="tuned int8 artifact folder"),
+    tuning_records: Optional[Path] = typer.Option(None, "--tuning-records", help="compile the tuned int8 route with these"),
+    cache_dir: Optional[Path] = typer.Option(None, help="artifact cache (default ~/.cache/qso3_tvm/bench)"),
+    work_dir: Optional[Path] = typer.Option(None, help="inputs and worker logs (default: a temporary folder)"),
+    report_dir: Path = typer.Option(Path("reports"), help="writes bench.md and bench/bench.{json,png} here"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
+):
+    """Time every inference route side by side (own process each, alternating rounds); write reports/bench.md."""
+    from .bench import BenchConfig, run_bench
+
+    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+    try:
+        n_threads = tuple(int(t) for t in split(threads))
+    except ValueError:
+        raise QSO3Error(f"--threads must be comma-separated integers, not {threads!r}") from None
+    opt = lambda p: None if p is None else str(p)  # noqa: E731
+    cfg = BenchConfig(model_fp32=model_fp32, model_int8=model_int8, routes=split(routes), workloads=split(workloads),
+                      modes=split(modes), threads=n_threads, rounds=rounds, budget_s=budget_ms / 1e3,
+                      max_calls=max_calls, warmup=warmup, target=target, tvm_fp32=opt(tvm_fp32),
+                      tvm_int8=opt(tvm_int8), tvm_int8_tuned=opt(tvm_int8_tuned), tuning_records=opt(tuning_records),
+                      cache_dir=opt(cache_dir), work_dir=opt(work_dir), report_dir=str(report_dir))
+    result = run_bench(cfg, log=(lambda *_: None) if as_json else typer.echo)
+    if as_json:
+        typer.echo(json.dumps(result, default=float))
+        return
+    typer.echo(f"report: {result['reports']['md']}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 
