@@ -279,7 +279,9 @@ def run_md(atoms, calc, cfg: MDConfig, outdir: str | Path, meta: dict | None = N
                     log(f"step {dyn.nsteps}/{n_steps}  Etot {monitor.rows[-1][4]:.6f} eV  T {monitor.rows[-1][5]:.0f} K")
         except QSO3Error as e:  # the molecule broke (NaN, overlapping atoms): a result, not a crash
             aborted = f"step {dyn.nsteps}: {e}"
-            monitor.flag("nan" if "NaN" in str(e) else "close_contact", dyn.nsteps, ps(dyn), str(e))
+            kind = "nan" if "NaN" in str(e) else "close_contact" if "Å apart" in str(e) else None
+            if kind:
+                monitor.flag(kind, dyn.nsteps, ps(dyn), str(e))
     wall = time.perf_counter() - start
     return finish(monitor, cfg, outdir, n_steps, wall, aborted, {**(meta or {}), "backend": calc.backend}, log)
 

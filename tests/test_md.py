@@ -129,6 +129,26 @@ def test_md_cli_writes_outputs(kind, ensemble, eager_ckpt, artifact, ethanol_tes
     assert (tmp_path / "traj.extxyz").read_text().count("Properties=") == 5  # steps 0, 5, 10, 15, 20
 
 
+def test_md_cli_over_rpc(artifact, ethanol_test, ethanol, tmp_path):
+    """The board backend against a stock TVM RPC server on this machine: same numbers as running here."""
+    from tvm import rpc
+
+    from qso3_tvm.board import free_port
+
+    port = free_port()
+    server = rpc.Server(host="127.0.0.1", port=port, port_end=port + 1, key="")
+    try:
+        r = run_cli(artifact, tmp_path, ethanol_test, "--steps", "5", "--rpc", f"127.0.0.1:{server.port}")
+    finally:
+        server.terminate()
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["backend"].startswith("rpc:127.0.0.1") and summary["steps_done"] == 5
+    with open(tmp_path / "log.csv") as fh:
+        epot0 = float(next(csv.DictReader(fh))["epot_ev"])
+    assert epot0 == pytest.approx(QSO3Calculator.from_compiled(artifact).get_potential_energy(ethanol), abs=1e-6)
+
+
 def free_atoms_calc():
     """No forces at all: a hot molecule flies apart, so every stability check must fire."""
     return QSO3Calculator(lambda z, pos: (0.0, np.zeros((len(z), 3))), (1, 6, 8), "test:free")
@@ -140,6 +160,13 @@ def test_stability_checks_flag_a_molecule_flying_apart(ethanol, tmp_path):
     events = s["stability"]["events"]
     assert not s["stable"] and events["bond"] is not None and events["atom_lost"] is not None
     assert s["energy"]["drift_mev_per_atom_per_ps"] == pytest.approx(0.0, abs=1e-9)  # free flight conserves Ekin
+
+
+def test_nan_forces_end_the_run_with_an_unstable_summary(ethanol, tmp_path):
+    calc = QSO3Calculator(lambda z, pos: (0.0, np.full((len(z), 3), np.nan)), (1, 6, 8), "test:nan")
+    s = qmd.run_md(ethanol, calc, qmd.MDConfig(steps=10), tmp_path, log=lambda *_: None)
+    assert not s["stable"] and s["steps_done"] == 0 and "NaN" in s["aborted"]
+    assert s["stability"]["events"]["nan"]["step"] == 0 and (tmp_path / "summary.json").is_file()
 
 
 def test_interrupted_run_leaves_no_summary(ethanol, tmp_path, monkeypatch):
