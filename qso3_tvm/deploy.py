@@ -21,7 +21,7 @@ from .runtime import CompiledModel, max_errors, read_manifest, sample_set
 
 TRACKER_ENV = ("TVM_TRACKER_HOST", "TVM_TRACKER_PORT", "TVM_TRACKER_KEY")
 # profile tolerances: the board runs the same float32 code as the compile-time check
-PROFILE_TOL_MEV = {"fp32": (0.5, 0.5), "quantized": (10.0, 50.0)}
+PROFILE_TOL_MEV = {"fp32": (0.5, 0.5), "quantized": (30.0, 50.0)}  # see compile.DEFAULT_TOL_MEV
 
 
 def split_addr(addr: str, what: str) -> tuple[str, int]:

@@ -1,0 +1,40 @@
+"""Where the hand-written kernels and schedules enter the build.
+
+    imported Relax module
+      -> rewrite_int8_matmuls      int8 GEMMs with constant weights -> tensorized TIR (per target)
+      -> [MetaSchedule database]   qso3_tvm.tune, tuned builds only
+      -> legalize, fuse            TVM's CPU pipeline
+      -> default CPU schedules     every fused kernel nobody scheduled (qso3_tvm.kernels.schedule)
+      -> lower, build
+"""
+
+from __future__ import annotations
+
+from .int8_matmul import rewrite_int8_matmuls
+
+
+def apply_kernels(mod, target) -> tuple[object, dict]:
+    """The module with our kernels substituted, and what was substituted (for the manifest)."""
+    mod, n_matmul, kernel = rewrite_int8_matmuls(mod, target)
+    return mod, {"int8_matmul": {"kernel": kernel, "count": n_matmul}}
+
+
+def relax_pipeline(target):
+    """TVM's default pipeline for the target, plus our default CPU schedules after fusion."""
+    import tvm
+    from tvm import relax
+
+    if target.kind.name != "llvm":
+        return "default"
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from .schedule import default_cpu_schedule
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [default_cpu_schedule(target)]
+                   + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return tvm.transform.Sequential(seq)(mod)
+
+    return _pipeline

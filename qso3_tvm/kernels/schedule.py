@@ -1,0 +1,103 @@
+"""Default CPU schedules for the fused kernels that have no hand-written or tuned schedule.
+
+TVM 0.27's CPU pipeline legalizes and fuses but schedules nothing (serial loops, whatever LLVM's
+auto-vectorizer finds). This rule, applied to every fused PrimFunc after FuseTIR:
+  1. inlines elementwise producers into elementwise consumers (no intermediate buffers; never into
+     a reduction, where an inlined producer would be recomputed once per output column);
+  2. reductions (matmuls, channel sums): moves the reduction loops outside the innermost spatial
+     loop so that loop runs over contiguous output channels, and vectorizes it;
+  3. elementwise blocks: vectorizes the innermost loop when its extent is a static channel count.
+Loops over atoms and edges (symbolic) stay serial: at batch 1 a parallel launch per kernel costs
+more than it saves. Tuned kernels (qso3-tvm tune) are marked scheduled and skipped.
+"""
+
+from __future__ import annotations
+
+VECTOR_LANES = 16  # float32 lanes of an AVX-512 register; NEON takes 4 and LLVM splits the rest
+
+
+def _static_extent(sch, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext.value) if hasattr(ext, "value") else None
+
+
+def _vectorize_innermost(sch, loop) -> None:
+    ext = _static_extent(sch, loop)
+    if ext is None or ext < 2:
+        return
+    if ext > VECTOR_LANES and ext % VECTOR_LANES == 0:
+        loop = sch.split(loop, [None, VECTOR_LANES])[1]
+    elif ext > VECTOR_LANES:
+        return
+    sch.vectorize(loop)
+
+
+def _inline_elementwise(sch, infos):
+    """compute_inline spatial producers whose consumers are all spatial; returns the rest."""
+    changed = True
+    while changed:
+        changed = False
+        for info in list(infos):
+            if info.dom_kind().strip("S") or not _consumers_spatial(sch, info.block_rv):
+                continue
+            try:
+                sch.compute_inline(info.block_rv)
+            except Exception:  # noqa: BLE001 (not inlinable: output block, opaque access, ...)
+                continue
+            infos.remove(info)
+            changed = True
+    return infos
+
+
+def _consumers_spatial(sch, block) -> bool:
+    from tvm.s_tir.dlight.analysis import get_sblock_info
+
+    consumers = sch.get_consumers(block)
+    return bool(consumers) and all(not get_sblock_info(sch, c).dom_kind().strip("S") for c in consumers)
+
+
+def schedule_block(sch, info) -> None:
+    kinds, block = info.dom_kind(), info.block_rv
+    loops = sch.get_loops(block)
+    if "O" in kinds or len(loops) != len(kinds) or not loops:
+        return
+    spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
+    reduce = [lp for lp, k in zip(loops, kinds) if k == "R"]
+    if not spatial:
+        return
+    if reduce:
+        if _static_extent(sch, spatial[-1]) is None:
+            return
+        sch.reorder(*spatial[:-1], *reduce, spatial[-1])
+        sch.decompose_reduction(block, reduce[0])
+    _vectorize_innermost(sch, spatial[-1])
+
+
+class CPUDefault:
+    """A dlight-style rule (apply(func, target, tunable) -> Schedule | None)."""
+
+    def apply(self, func, target, _tunable):
+        from tvm import s_tir
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+        if target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        for info in _inline_elementwise(sch, infos):
+            try:
+                schedule_block(sch, info)
+            except Exception:  # noqa: BLE001 (a block this rule cannot handle keeps its loops)
+                continue
+        return sch
+
+    def is_target_available(self, target) -> bool:
+        return target.kind.name == "llvm"
+
+
+def default_cpu_schedule(target):
+    from tvm.s_tir.dlight import ApplyDefaultSchedule
+
+    return ApplyDefaultSchedule(CPUDefault())

@@ -1,0 +1,42 @@
+"""Workarounds for Apache TVM 0.27 bugs, in one place. Each has a test in tests/test_kernels.py
+that shows the bug (so we notice when an upgrade fixes it).
+
+1. The stock x86 VNNI tensor intrinsic (`dot_16x4_vnni`, tvm.s_tir.tensor_intrin.x86) passes
+   int32x16 operands to `llvm.x86.avx512.vpdpbusd.512`; the bundled LLVM (22) declares that
+   intrinsic on <64 x i8> operands, so every build that tensorizes with it fails. We register the
+   same description with an implementation that reinterprets the operands as u8x64 / i8x64.
+"""
+
+from __future__ import annotations
+
+VNNI_INTRIN = "qso3_dot_16x4_u8i8i32_vnni"
+
+
+def register_vnni_intrin() -> str:
+    """Register (once) the working VNNI 16x4 u8·i8 -> i32 intrinsic; returns its name."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
+    from tvm.script import tirx as T
+
+    try:
+        TensorIntrin.get(VNNI_INTRIN)
+        return VNNI_INTRIN
+    except ValueError:  # not registered yet
+        pass
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16")
+
+    TensorIntrin.register(VNNI_INTRIN, dot_product_16x4_u8i8i32_desc, impl)
+    return VNNI_INTRIN

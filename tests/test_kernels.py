@@ -1,0 +1,107 @@
+"""Hand-written TIR kernels against numpy, the instructions they must emit per target, the default
+CPU schedule's numerics, and the TVM bug that tvm_fixes works around."""
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from qso3_tvm.kernels.int8_matmul import dot_kernel, matmul_func, pack_weights, rewrite_int8_matmuls
+from qso3_tvm.kernels.pipeline import relax_pipeline
+from qso3_tvm.targets import resolve_target
+
+X86_VNNI = resolve_target("x86-avx512")
+RNG = np.random.default_rng(0)
+
+
+def int8_case(m, k, n, a_dtype):
+    a = RNG.integers(0, 256, (m, k)) if a_dtype == "uint8" else RNG.integers(-127, 128, (m, k))
+    return a.astype(a_dtype), RNG.integers(-127, 128, (k, n)).astype(np.int8)
+
+
+def asm_of(mod, target) -> str:
+    return tvm.compile(mod, target=target).mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("m", [2, 37])  # symbolic rows: any count
+def test_vnni_matmul_matches_numpy_and_emits_vpdpbusd(m):
+    kern = dot_kernel(X86_VNNI.tvm_target())
+    assert kern.name == "x86-vnni-vpdpbusd"
+    func = matmul_func(64, 192, kern)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=X86_VNNI.tvm_target())
+    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+    if not X86_VNNI.local:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    a, w = int8_case(m, 64, 192, "uint8")
+    c = tvm.runtime.tensor(np.zeros((m, 192), np.int32))
+    lib(tvm.runtime.tensor(a), tvm.runtime.tensor(pack_weights(w, 16)), c)
+    np.testing.assert_array_equal(c.numpy(), a.astype(np.int32) @ w.astype(np.int32))
+
+
+@pytest.mark.parametrize("preset, instr", [("arm64-cortex-a76", "sdot"), ("arm64-cortex-a72", "smull")])
+def test_arm_int8_kernels_emit_their_instruction(preset, instr):
+    target = resolve_target(preset).tvm_target()
+    kern = dot_kernel(target)
+    asm = asm_of(tvm.IRModule({"main": matmul_func(64, 64, kern)}), target)
+    assert instr in asm
+    if instr == "smull":
+        assert "sdot" not in asm  # a Pi 4 has no dot product: the artifact must not use it
+
+
+def test_stock_vnni_intrinsic_still_broken():
+    """TVM 0.27 bug worked around in qso3_tvm.tvm_fixes: tensorizing with the stock dot_16x4_vnni
+    intrinsic fails to build (LLVM 22 takes <64 x i8> operands). When this test fails, TVM fixed it."""
+    from tvm.s_tir.tensor_intrin.x86 import VNNI_DOT_16x4_INTRIN
+
+    from qso3_tvm.kernels.int8_matmul import DotKernel
+
+    stock = DotKernel("stock", VNNI_DOT_16x4_INTRIN, 16, "uint8")
+    with pytest.raises(Exception):
+        tvm.compile(tvm.IRModule({"main": matmul_func(64, 64, stock)}), target=X86_VNNI.tvm_target())
+
+
+def _int8_linear_module(m_rows=None):
+    """Relax: y = matmul(a int8 (M, 64), const w int8 (64, 128), out int32), M symbolic."""
+    w = RNG.integers(-127, 128, (64, 128)).astype(np.int8)
+    bb = relax.BlockBuilder()
+    m = tvm.tirx.Var("m", "int64")
+    a = relax.Var("a", relax.TensorType([m, 64], "int8"))
+    with bb.function("main", [a]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(a, relax.const(w), out_dtype="int32"))
+        bb.emit_func_output(out)
+    return bb.get(), w
+
+
+@pytest.mark.parametrize("preset", ["x86-avx512", "x86-64"])
+def test_int8_matmul_rewrite_is_exact(preset):
+    spec = resolve_target(preset)
+    if not spec.local:
+        pytest.skip(f"{preset} does not run here")
+    target = spec.tvm_target()
+    mod, w = _int8_linear_module()
+    mod, count, name = rewrite_int8_matmuls(mod, target)
+    assert (count, name) == ((1, "x86-vnni-vpdpbusd") if preset == "x86-avx512" else (0, None))
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    a = RNG.integers(-127, 128, (11, 64)).astype(np.int8)  # signed codes: exercises the +128 shift
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a)).numpy(), a.astype(np.int32) @ w.astype(np.int32))
+
+
+def test_default_cpu_schedule_keeps_float_numerics():
+    """Matmul + elementwise epilogue, scheduled by our default rule vs numpy (float32)."""
+    target = resolve_target("x86-64").tvm_target()
+    w = RNG.normal(size=(20, 64)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    e = tvm.tirx.Var("e", "int64")
+    x = relax.Var("x", relax.TensorType([e, 20], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(w)))
+            out = bb.emit_output(relax.op.nn.silu(relax.op.multiply(y, relax.const(0.5, "float32"))))
+        bb.emit_func_output(out)
+    ex = tvm.compile(bb.get(), target=target, relax_pipeline=relax_pipeline(target))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    xs = RNG.normal(size=(13, 20)).astype(np.float32)
+    ref = torch.nn.functional.silu(torch.from_numpy(xs @ w * 0.5)).numpy()
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(xs)).numpy(), ref, rtol=1e-5, atol=1e-5)
