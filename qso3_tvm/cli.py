@@ -137,12 +137,39 @@ def compile_cmd(
     target: str = typer.Option("x86-avx512", "--target", help="preset (qso3-tvm targets), TVM tag or JSON"),
     out: Path = typer.Option(..., "-o", "--out", help="artifact directory (library + manifest.json)"),
     check: bool = typer.Option(True, help="compare with PyTorch when the target runs here"),
+    tuning_records: Optional[Path] = typer.Option(None, "--tuning-records",
+                                                  help="MetaSchedule database folder from `qso3-tvm tune` (static bucket build)"),
+    bucket: Optional[str] = typer.Option(None, "--bucket", help="static sizes ATOMS,EDGES,MOLECULES or a name "
+                                         "(ethanol, qm9-32); default with --tuning-records: the database's first"),
 ):
     """Compile energy+forces for a target: shared library + manifest.json, checked against PyTorch."""
     from .compile import compile_model
 
-    info = compile_model(model, target, out, check=check, log=typer.echo)
+    info = compile_model(model, target, out, check=check, log=typer.echo, bucket=bucket, tuning_records=tuning_records)
     typer.echo(f"wrote {out}/{info['library']} ({info['target']['name']}, {info['model']['precision']})")
+
+
+@app.command()
+@user_errors
+def tune(
+    model: str = typer.Argument("ethanol-int8", help="checkpoint path or bundled model name"),
+    target: str = typer.Option("x86-avx512", "--target", help="preset (qso3-tvm targets), TVM tag or JSON"),
+    trials: int = typer.Option(64, "--trials", help="measured candidates in total (tvmc's --trials)"),
+    trials_per_task: Optional[int] = typer.Option(None, help="cap per task (default min(trials, 8)): the budget "
+                                                  "goes to the trials // cap heaviest kernels"),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="database folder (default schedules/<model>/<target>)"),
+    bucket: Optional[list[str]] = typer.Option(None, "--bucket", help="static sizes ATOMS,EDGES,MOLECULES or ethanol, "
+                                               "qm9-32; repeat for several (default: the database's, else ethanol)"),
+    rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT: measure on the boards of --rpc-key"),
+    rpc_key: Optional[str] = typer.Option(None, "--rpc-key"),
+):
+    """Auto-tune the model's kernels with MetaSchedule (static size buckets); a re-run resumes."""
+    from .tune import tune as run
+
+    summary = run(model, target, trials, work_dir=work_dir, buckets=bucket or None, rpc_tracker=rpc_tracker,
+                  rpc_key=rpc_key, trials_per_task=trials_per_task, log=typer.echo)
+    typer.echo(f"database {summary['work_dir']} (sha256 {summary['database_sha256'][:12]}); "
+               f"apply with: qso3-tvm compile {model} --target {target} --tuning-records {summary['work_dir']} -o OUT")
 
 
 @app.command()

@@ -63,11 +63,16 @@ def deployable(model):
     return to_int8(model) if getattr(model, "quant_cfg", None) is not None else model
 
 
-def build(model, spec: TargetSpec):
-    """Relax executable of the model's energy+forces graph for a target."""
+def build(model, spec: TargetSpec, bucket=None, tuning_records=None):
+    """Relax executable of the model's energy+forces graph for a target (symbolic sizes, or the
+    static sizes of a bucket; with a MetaSchedule database applied, see qso3_tvm.tune)."""
     import tvm
 
-    mod = import_to_relax(export_energy_forces(deployable(model)))
+    mod = import_to_relax(export_energy_forces(deployable(model), bucket=bucket))
+    if tuning_records:
+        from .tune import apply_tuning_records, tuning_target
+
+        mod = apply_tuning_records(mod, tuning_target(spec), tuning_records)
     return tvm.compile(mod, target=spec.tvm_target())
 
 
@@ -94,7 +99,12 @@ def reference(model) -> dict:
 def parity(model, artifact: Path, ref: dict) -> dict:
     """Compiled (run here) vs PyTorch on the sample molecules: max abs errors in meV and meV/Å."""
     mols, _ = sample_set(model.cfg.species)
-    return max_errors(ref, *CompiledModel(artifact).predict(mols))
+    compiled = CompiledModel(artifact)
+    if compiled.manifest["inputs"].get("buckets"):  # a static build checks the samples that fit it
+        from .tune import parity_subset
+
+        mols, ref = parity_subset(compiled, mols, ref)
+    return {**max_errors(ref, *compiled.predict(mols)), "samples_checked": len(mols)}
 
 
 def manifest(model, model_path: Path, spec: TargetSpec, library: Path) -> dict:
@@ -125,8 +135,10 @@ def manifest(model, model_path: Path, spec: TargetSpec, library: Path) -> dict:
     }
 
 
-def compile_model(model_spec: str, target: str, out: str | Path, check: bool = True, log=print) -> dict:
-    """Compile a checkpoint for a target into `out` (library + manifest.json); returns the manifest."""
+def compile_model(model_spec: str, target: str, out: str | Path, check: bool = True, log=print,
+                  bucket=None, tuning_records=None) -> dict:
+    """Compile a checkpoint for a target into `out` (library + manifest.json); returns the manifest.
+    `tuning_records`: a MetaSchedule database folder (qso3-tvm tune), built at `bucket` or its first."""
     spec = resolve_target(target)
     log(f"target {target!r} -> {spec.source} {spec.name}: {json.dumps(spec.target)}")
     model_path = resolve_model_path(model_spec)
@@ -136,11 +148,17 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         t0 = time.time()
-        executable = build(model, spec)
+        if tuning_records or bucket:
+            from .tune import static_build_info
+
+            bucket, static_info = static_build_info(bucket, tuning_records, log)
+        executable = build(model, spec, bucket=bucket, tuning_records=tuning_records)
         library = tmp / LIBRARY
         write_library(executable, library, spec)
         log(f"built {library.name} in {time.time() - t0:.1f} s")
         info = manifest(model, model_path, spec, library)
+        if bucket is not None:
+            info.update(static_info)
         info["reference"] = reference(model)
         if check and spec.local:
             (tmp / MANIFEST).write_text(json.dumps(info, indent=1))

@@ -48,11 +48,26 @@ def example_batch(model: So3krates) -> Batch:
     return make_batch(mols, [0, 1], model.cfg.species, model.cfg.cutoff)
 
 
-def export_energy_forces(model: So3krates) -> torch.export.ExportedProgram:
-    """An ExportedProgram of (energy, forces) with symbolic atom, edge and molecule counts."""
+def export_energy_forces(model: So3krates, bucket=None) -> torch.export.ExportedProgram:
+    """An ExportedProgram of (energy, forces) with symbolic atom, edge and molecule counts, or with
+    the static sizes of a bucket (qso3_tvm.tune.Bucket: what MetaSchedule can tune)."""
     model = model.eval()
     wrapper = EnergyForces(model)
     args = batch_inputs(example_batch(model))
+    if bucket is not None:  # the example padded to the bucket (see qso3_tvm.tune.pad_arrays)
+        from .tune import Bucket, pad_arrays
+
+        bucket = Bucket.parse(bucket)
+        b = example_batch(model)
+        n = min(5, bucket.atoms)  # atoms of the first example molecule
+        src, dst = b.src.numpy(), b.dst.numpy()
+        e = (src < n) & (dst < n)
+        arrays = pad_arrays(b.species.numpy()[:n], b.pos.numpy()[:n], b.mol.numpy()[:n], src[e][:bucket.edges],
+                            dst[e][:bucket.edges], 1, bucket, model.cfg.cutoff)
+        args = tuple(torch.from_numpy(a) for a in arrays)
+        with torch.enable_grad():
+            traced = make_fx(wrapper, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
+        return torch.export.export(traced, args)
     with torch.enable_grad():
         traced = make_fx(wrapper, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*args)
     n, e, m = (torch.export.Dim(name, min=2) for name in ("atoms", "edges", "molecules"))

@@ -76,6 +76,18 @@ class CompiledModel:
         batch = make_batch(padded, idx, self.species, float(self.manifest["model"]["cutoff"]))
         arrays = [t.numpy() for t in (batch.species, batch.pos, batch.mol, batch.src, batch.dst)]
         arrays.append(np.zeros(batch.n_mol, np.float32))
+        buckets = self.manifest["inputs"].get("buckets")
+        if buckets:  # static build: pad to the bucket (qso3_tvm.tune)
+            from .tune import choose_bucket, pad_arrays
+
+            n, e = len(arrays[0]) - 2, len(arrays[3]) - 2
+            bucket = choose_bucket(buckets, n, e, len(idx) - 1)
+            if bucket is None:
+                raise BucketError(f"{len(idx) - 1} molecule(s) with {n} atoms and {e} edges exceed every size bucket "
+                                  f"of {self.path} ({buckets} as atoms,edges,molecules incl. a 2-atom ghost); "
+                                  "compile with a larger --bucket or use an untuned (dynamic) build")
+            arrays = list(pad_arrays(*arrays[:5], batch.n_mol, bucket, float(self.manifest["model"]["cutoff"]),
+                                     ghost=(n, n + 1)))
         return [tvm.runtime.tensor(a, self.device) for a in arrays], padded
 
     def call(self, args) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +98,7 @@ class CompiledModel:
         """Total energies (eV, float64) and forces (eV/Å) of the frames, in order."""
         args, padded = self.inputs(mols, frames)
         energy, forces = self.call(args)
+        energy = energy[:len(padded)]  # a bucket's empty molecule slots come after the ghost
         shift = np.asarray(self.manifest["model"]["energy_shift"], np.float64)
         shift = np.add.reduceat(shift[species_index(padded.numbers, self.species)], padded.offsets[:-1])
         n_real = int(padded.offsets[-2])
@@ -100,10 +113,22 @@ class CompiledModel:
 
     def predict(self, mols: MoleculeSet, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         energies, forces = [], []
-        for start in range(0, len(mols), batch_size):
-            e, f = self.run_batch(mols, range(start, min(start + batch_size, len(mols))))
+        chunks = [list(range(start, min(start + batch_size, len(mols)))) for start in range(0, len(mols), batch_size)]
+        while chunks:
+            frames = chunks.pop(0)
+            try:
+                e, f = self.run_batch(mols, frames)
+            except BucketError:
+                if len(frames) == 1:
+                    raise
+                chunks[:0] = [frames[: len(frames) // 2], frames[len(frames) // 2:]]  # smaller calls fit a bucket
+                continue
             energies.append(e), forces.append(f)
         return np.concatenate(energies), np.concatenate(forces)
+
+
+class BucketError(QSO3Error):
+    """A call exceeds every static size bucket of the artifact."""
 
 
 def read_manifest(path: Path) -> dict:

@@ -1,0 +1,138 @@
+"""qso3-tvm tune on a tiny model: static size buckets (padding, choice, refusal), a tiny MetaSchedule run
+whose database compile applies (manifest, parity), resume after a re-run, corrupt databases."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qso3_tvm.checkpoint import save_model
+from qso3_tvm.cli import app
+from qso3_tvm.compile import compile_model
+from qso3_tvm.data import MoleculeSet
+from qso3_tvm.errors import QSO3Error
+from qso3_tvm.runtime import CompiledModel
+from qso3_tvm.testing import model_energy_forces, random_molecule, tiny_model
+from qso3_tvm.tune import (RECORD_FILE, WORKLOAD_FILE, Bucket, choose_bucket, database_sha256, open_database,
+                           pad_arrays, tune)
+
+SHIFT = [-13.6, -1030.0, -1480.0, -2040.0, -2700.0]
+BUCKET = "24,300,3"  # one ethanol (9 atoms, 72 edges) or paracetamol (20 atoms) per call, or two ethanols
+quiet = lambda *_: None  # noqa: E731
+
+
+def records(db):
+    return [line for line in (db / RECORD_FILE).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    save_model(root / "tiny.pt", tiny_model(torch.float32, seed=2, energy_shift=SHIFT))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tuned_db(tiny):
+    db = tiny / "db"
+    summary = tune(str(tiny / "tiny.pt"), "x86-64", trials=2, trials_per_task=2, work_dir=db, buckets=[BUCKET],
+                   rank="flops", log=quiet)
+    return db, summary
+
+
+@pytest.fixture(scope="module")
+def tuned_artifact(tiny, tuned_db):
+    db, _ = tuned_db
+    info = compile_model(str(tiny / "tiny.pt"), "x86-64", tiny / "art", tuning_records=db, log=quiet)
+    return tiny / "art", info
+
+
+def test_bucket_parse_fit_and_choice():
+    assert Bucket.parse("ethanol") == Bucket(12, 80, 2) and Bucket.parse("1,2,3".replace("1", "4")).atoms == 4
+    with pytest.raises(QSO3Error, match="ATOMS,EDGES,MOLECULES"):
+        Bucket.parse("12,80")
+    with pytest.raises(QSO3Error, match="ghost"):
+        Bucket.parse("2,80,2")
+    assert Bucket(12, 80, 2).fits(9, 72, 1) and not Bucket(12, 80, 2).fits(11, 72, 1)
+    assert not Bucket(12, 80, 2).fits(9, 79, 1) and not Bucket(12, 80, 2).fits(9, 72, 2)
+    assert choose_bucket([[40, 400, 3], [12, 80, 2]], 9, 72, 1) == Bucket(12, 80, 2)
+    assert choose_bucket([[40, 400, 3], [12, 80, 2]], 20, 72, 1) == Bucket(40, 400, 3)
+    assert choose_bucket([[12, 80, 2]], 30, 72, 1) is None
+
+
+def test_padding_ghosts_are_isolated_and_far():
+    cutoff = 5.0
+    pos = np.array([[0.0, 0, 0], [1.1, 0, 0], [0, 0, 0], [1, 0, 0]], np.float32)  # molecule + ghost pair
+    args = (np.array([1, 0, 0, 0]), pos, np.array([0, 0, 1, 1]), np.array([0, 1, 2, 3]), np.array([1, 0, 3, 2]))
+    sp, p, mol, src, dst, slots = pad_arrays(*args, 2, Bucket(10, 16, 4), cutoff, ghost=(2, 3))
+    assert (len(sp), len(src), len(slots)) == (10, 16, 4)
+    assert (mol[4:] == 1).all()  # padding atoms belong to the ghost molecule
+    assert set(zip(src[4:], dst[4:])) == {(2, 3), (3, 2)}  # padding edges duplicate the ghost pair
+    far = p[4:]
+    d = np.linalg.norm(far[:, None] - np.concatenate([p[:4], far])[None], axis=-1)
+    d[np.arange(6), 4 + np.arange(6)] = np.inf
+    assert d.min() >= 2 * cutoff
+
+
+def test_tiny_tuning_round_trip(tuned_db, tuned_artifact, tiny):
+    db, summary = tuned_db
+    assert (db / WORKLOAD_FILE).is_file() and records(db) and (db / "logs").is_dir()
+    assert summary["buckets"] == [[24, 300, 3]] and summary["tasks"][0]["trials"] >= 1
+    assert summary["tasks"][0]["after_us"] > 0
+    art, info = tuned_artifact
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["inputs"]["buckets"] == [[24, 300, 3]]
+    assert manifest["tuning"]["database_sha256"] == database_sha256(db) and manifest["tuning"]["tuned_tasks"] >= 1
+    p = manifest["parity"]
+    assert p["max_energy_error_mev"] < 0.1 and p["max_force_error_mev_per_a"] < 0.1
+    # the static build against PyTorch on a fresh molecule, and a batch split to fit the bucket
+    model = CompiledModel(art)
+    z, x = random_molecule(10, species=(1, 6, 8), seed=3)
+    e, f = model.energy_forces(z, x)
+    e_ref, f_ref = model_energy_forces(tiny_model(torch.float32, seed=2, energy_shift=SHIFT).double(), z, x)
+    e_ref += sum(SHIFT[(1, 6, 7, 8, 9).index(int(zi))] for zi in z)  # the eager helper gives interaction energy
+    assert abs(e - e_ref) < 1e-3 and np.abs(f - f_ref).max() < 1e-3
+    mols = MoleculeSet.from_molecules([(z, x)] * 3)  # 3 molecules never fit one call: split into calls
+    energies, forces = model.predict(mols)
+    assert np.allclose(energies, e, atol=1e-6) and np.allclose(forces, np.tile(f, (3, 1)), atol=1e-6)
+
+
+def test_molecule_beyond_every_bucket_is_refused(tuned_artifact):
+    model = CompiledModel(tuned_artifact[0])
+    z, x = random_molecule(30, species=(1, 6, 8), seed=1)
+    with pytest.raises(QSO3Error, match="exceed every size bucket"):
+        model.energy_forces(z, x)
+
+
+def test_rerun_resumes_and_keeps_records(tuned_db, tiny):
+    db, first = tuned_db
+    again = tiny / "db_again"
+    shutil.copytree(db, again)
+    before = records(again)
+    summary = tune(str(tiny / "tiny.pt"), "x86-64", trials=4, trials_per_task=4, work_dir=again, rank="flops", log=quiet)
+    after = records(again)
+    assert after[:len(before)] == before and len(after) > len(before)  # appended, nothing lost
+    assert summary["buckets"] == first["buckets"]  # the database's bucket is reused
+    assert summary["tasks"][0]["task"] == first["tasks"][0]["task"]  # the same task continues
+
+
+def test_corrupt_database_is_a_clear_error(tuned_db, tiny):
+    db, _ = tuned_db
+    bad = tiny / "db_bad"
+    shutil.copytree(db, bad)
+    with open(bad / RECORD_FILE, "a") as fh:
+        fh.write('[0, [[["b0", "tiling"')  # a write cut short
+    with pytest.raises(QSO3Error, match="corrupt tuning database at line"):
+        open_database(bad)
+    with pytest.raises(QSO3Error, match="corrupt tuning database"):
+        compile_model(str(tiny / "tiny.pt"), "x86-64", tiny / "never", tuning_records=bad, log=quiet)
+    assert not (tiny / "never").exists()
+    r = CliRunner().invoke(app, ["compile", str(tiny / "tiny.pt"), "--target", "x86-64", "-o", str(tiny / "never"),
+                                 "--tuning-records", str(bad)])
+    assert r.exit_code == 2 and "corrupt tuning database" in r.output
+    r = CliRunner().invoke(app, ["compile", str(tiny / "tiny.pt"), "--target", "x86-64", "-o", str(tiny / "never"),
+                                 "--tuning-records", str(tiny / "missing")])
+    assert r.exit_code == 2 and "no tuning database" in r.output
