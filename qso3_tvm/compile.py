@@ -26,15 +26,19 @@ from .checkpoint import load_model, precision, resolve_model_path
 from .errors import QSO3Error
 from .export import export_energy_forces
 from .int8 import int8_weight_bytes, to_int8
+from .kernels.pipeline import apply_kernels, kernel_summary, relax_pipeline
 from .metrics import predict
 from .relax_frontend import import_to_relax
 from .runtime import MANIFEST, CompiledModel, max_errors, sample_set
 from .targets import TargetSpec, resolve_target
 
 LIBRARY = "model.so"
-# float32 graph vs PyTorch float32: reassociated sums only; fake-quantized models can also flip a
-# rounding tie of an activation code, which moves a force by one quantization step
-DEFAULT_TOL_MEV = {"fp32": (0.1, 0.1), "quantized": (10.0, 50.0)}
+# float32 graph vs PyTorch float32: reassociated sums only. Quantized models: a different summation
+# order (vectorized kernels, int32 GEMMs) can flip a rounding tie of one activation code, which moves
+# that molecule by one quantization step: measured 15.9 meV / 1.4 meV/Å on one of the six bundled
+# samples (aspirin[1]) for ethanol-int8 on x86-avx512, the other five within 0.002 meV / 0.06 meV/Å.
+# The bound is set above one step and below the model's own error (20 meV, 14 meV/Å MAE).
+DEFAULT_TOL_MEV = {"fp32": (0.1, 0.1), "quantized": (30.0, 50.0)}
 
 
 def sha256(path: Path) -> str:
@@ -68,12 +72,13 @@ def build(model, spec: TargetSpec, bucket=None, tuning_records=None):
     static sizes of a bucket; with a MetaSchedule database applied, see qso3_tvm.tune)."""
     import tvm
 
-    mod = import_to_relax(export_energy_forces(deployable(model), bucket=bucket))
+    target = spec.tvm_target()
+    mod, _ = apply_kernels(import_to_relax(export_energy_forces(deployable(model), bucket=bucket)), target)
     if tuning_records:
         from .tune import apply_tuning_records, tuning_target
 
         mod = apply_tuning_records(mod, tuning_target(spec), tuning_records)
-    return tvm.compile(mod, target=spec.tvm_target())
+    return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
 
 
 def write_library(executable, path: Path, spec: TargetSpec) -> None:
@@ -120,8 +125,7 @@ def manifest(model, model_path: Path, spec: TargetSpec, library: Path) -> dict:
                   "heads": cfg.heads, "attention": cfg.attention, "energy_shift": list(cfg.energy_shift)},
         "quantization": getattr(model, "quant_cfg", None) and {
             **model.quant_cfg.to_dict(), "stored_weight_bytes": int8_weight_bytes(deployable(model)),
-            "gemm": "scalar-branch Linears: int8 x int8 -> int32 (relax.op.matmul out_dtype=int32); "
-                    "vector-branch Linears: int8 weights dequantized; forces: float backward, straight-through"},
+            "kernels": kernel_summary(spec.tvm_target())},
         "target": {"name": spec.name, "source": spec.source, "tvm": spec.target, "arch": spec.arch,
                    "cpu_features": spec.cpu_features, "device": spec.device},
         "inputs": {"species": ["atoms"], "pos": ["atoms", 3], "mol": ["atoms"], "src": ["edges"], "dst": ["edges"],

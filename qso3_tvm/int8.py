@@ -20,7 +20,7 @@ import copy
 import torch
 from torch import nn
 
-from .quant import LSQ, QuantLinear
+from .quant import LSQ, MDDQ, QuantLinear
 
 
 class _Int8Matmul(torch.autograd.Function):
@@ -90,13 +90,17 @@ def _convert(module: nn.Module, name: str, child: QuantLinear) -> None:
 
 
 def to_int8(model: nn.Module) -> nn.Module:
-    """A copy of a fake-quantized model with int8 weights and int8 GEMMs (same outputs up to
-    float summation order)."""
+    """A copy of a fake-quantized model with int8 weights and int8 GEMMs, and MDDQ as one custom
+    operator (qso3_tvm.kernels.mddq; same outputs up to float summation order)."""
+    from .kernels.mddq import MDDQKernel
+
     out = copy.deepcopy(model).eval()
     for module in list(out.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, QuantLinear):
                 _convert(module, name, child)
+            elif isinstance(child, MDDQ) and child.enabled:
+                setattr(module, name, MDDQKernel(child))
     return out
 
 

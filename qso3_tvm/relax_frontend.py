@@ -89,7 +89,33 @@ def _int_mm(node, imp):
     return imp.block_builder.emit(relax.op.matmul(a, b, out_dtype="int32"))
 
 
+def _mddq_call(node, imp, make_func, n_tensors: int):
+    """qso3.mddq / qso3.mddq_backward -> call_tir of the TIR kernel (qso3_tvm.kernels.mddq)."""
+    bb = imp.block_builder
+    tensors = [imp.env[a] for a in node.args[:n_tensors]]
+    qmax, cube = node.args[n_tensors], node.args[n_tensors + 1]
+    v = tensors[-2]
+    channels = int(v.ty.shape[-1])
+    func = make_func(channels, int(qmax), bool(cube))
+    gv = bb.add_func(func, func.attrs["global_symbol"] + f"_{channels}_{qmax}_{int(cube)}")
+    return bb.emit(relax.call_tir(gv, tensors, relax.TensorType(v.ty.shape, v.ty.dtype)))
+
+
+def _mddq(node, imp):
+    from .kernels.mddq import forward_func
+
+    return _mddq_call(node, imp, forward_func, 2)
+
+
+def _mddq_backward(node, imp):
+    from .kernels.mddq import backward_func
+
+    return _mddq_call(node, imp, backward_func, 3)
+
+
 CONVERTERS = {
+    "mddq.default": _mddq,
+    "mddq_backward.default": _mddq_backward,
     "_int_mm.default": _int_mm,
     "amax.default": _amax,
     "silu_backward.default": _silu_backward,

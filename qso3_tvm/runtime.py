@@ -99,7 +99,7 @@ class CompiledModel:
         args, padded = self.inputs(mols, frames)
         energy, forces = self.call(args)
         energy = energy[:len(padded)]  # a bucket's empty molecule slots come after the ghost
-        shift = np.asarray(self.manifest["model"]["energy_shift"], np.float64)
+        shift = np.asarray(self.manifest["model"]["energy_shift"] or [0.0] * len(self.species), np.float64)
         shift = np.add.reduceat(shift[species_index(padded.numbers, self.species)], padded.offsets[:-1])
         n_real = int(padded.offsets[-2])
         return (energy.astype(np.float64) + shift)[:-1], forces[:n_real].astype(np.float64)

@@ -64,7 +64,7 @@ def test_refuses_above_tolerance_and_leaves_nothing(tiny_ckpt, x86_artifact, tmp
         def export_library(self, path, **kw):
             shutil.copy(x86_artifact / "model.so", path)
 
-    monkeypatch.setattr(qcompile, "build", lambda model, spec: Prebuilt())
+    monkeypatch.setattr(qcompile, "build", lambda model, spec, **kw: Prebuilt())
     monkeypatch.setenv("QSO3_COMPILE_TOL_F_MEV", "0")
     out = tmp_path / "refused"
     with pytest.raises(QSO3Error, match=r"disagrees with PyTorch.*tol 0\.0"):

@@ -19,6 +19,23 @@ def apply_kernels(mod, target) -> tuple[object, dict]:
     return mod, {"int8_matmul": {"kernel": kernel, "count": n_matmul}}
 
 
+def kernel_summary(target) -> dict:
+    """How the quantized operators run on this target (recorded in manifest.json)."""
+    from .int8_matmul import dot_kernel
+
+    kern = dot_kernel(target)
+    return {
+        "scalar_linears": f"int8 x int8 -> int32, {kern.name} TIR kernel, weights packed at compile time"
+                          if kern else "int8 x int8 -> int32, generic relax matmul (no int8 dot instruction on this target)",
+        "vector_linears": "int8 weights dequantized to float (inputs are MDDQ-decoded vectors)",
+        "mddq": "custom TIR operators qso3_mddq / qso3_mddq_backward",
+        "attention": "fixed-grid int8 q, k codes; logits, segment softmax and aggregation as fused generic kernels",
+        "forces": "float backward with straight-through semantics (equals the QAT model's autograd forces)",
+        "schedules": "default CPU rule (qso3_tvm.kernels.schedule) for unscheduled fused kernels"
+                     if target.kind.name == "llvm" else "TVM default",
+    }
+
+
 def relax_pipeline(target):
     """TVM's default pipeline for the target, plus our default CPU schedules after fusion."""
     import tvm
