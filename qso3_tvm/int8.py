@@ -25,18 +25,19 @@ from .quant import LSQ, MDDQ, QuantLinear
 
 class _Int8Matmul(torch.autograd.Function):
     """y = (q_x · W_codes) s_x s_w with q_x = clamp(floor(x/s_x + 0.5), qmin, qmax).
-    Unsigned codes (0..255) are shifted by zp = 128 into int8; zp · Σ_k W[k, n] (int32) is added back."""
+    Unsigned codes (0..255) are shifted by zp = 128 into int8; zp · Σ_k W[k, n] is added back (in
+    float: every term is an integer below 2^24, so exact; derived from the codes, not stored)."""
 
     @staticmethod
-    def forward(ctx, x, w_codes_t, w_colsum, s_x, s_w, qmin: int, qmax: int, zp: int):
+    def forward(ctx, x, w_codes_t, s_x, s_w, qmin: int, qmax: int, zp: int):
         u = x / s_x
         ctx.save_for_backward(u, w_codes_t, s_w)
         ctx.bounds = (qmin, qmax)
         q = (torch.clamp(torch.floor(u + 0.5), qmin, qmax) - zp).to(torch.int8)
-        acc = torch._int_mm(q.reshape(-1, q.shape[-1]), w_codes_t)  # int8 x int8 -> int32, exact
+        acc = torch._int_mm(q.reshape(-1, q.shape[-1]), w_codes_t).to(x.dtype)  # int8 x int8 -> int32, exact
         if zp:
-            acc = acc + zp * w_colsum
-        return acc.to(x.dtype).reshape(*x.shape[:-1], -1) * (s_x * s_w)
+            acc = acc + zp * w_codes_t.to(x.dtype).sum(0)
+        return acc.reshape(*x.shape[:-1], -1) * (s_x * s_w)
 
     @staticmethod
     def backward(ctx, grad):
@@ -44,7 +45,7 @@ class _Int8Matmul(torch.autograd.Function):
         w_q = w_codes_t.to(grad.dtype) * s_w  # (in, out): the fake-quantized weights
         qmin, qmax = ctx.bounds
         inside = ((u >= qmin) & (u <= qmax)).to(grad.dtype)
-        return (grad @ w_q.T) * inside, None, None, None, None, None, None, None
+        return (grad @ w_q.T) * inside, None, None, None, None, None, None
 
 
 class Int8Linear(nn.Module):
@@ -55,7 +56,6 @@ class Int8Linear(nn.Module):
         with torch.no_grad():
             codes = wq.codes(layer.weight).to(torch.int8).T.contiguous()
             self.register_buffer("w_codes_t", codes)
-            self.register_buffer("w_colsum", codes.to(torch.int32).sum(0))
             self.register_buffer("s_w", wq.scale().detach().clone().reshape(-1))
             self.register_buffer("s_x", act.scale().detach().clone().reshape(()))
             self.register_buffer("bias", layer.bias.detach().clone() if layer.bias is not None
@@ -63,7 +63,7 @@ class Int8Linear(nn.Module):
         self.qmin, self.qmax, self.zp = act.qmin, act.qmax, 0 if act.signed else 128
 
     def forward(self, x):
-        y = _Int8Matmul.apply(x, self.w_codes_t, self.w_colsum, self.s_x, self.s_w, self.qmin, self.qmax, self.zp)
+        y = _Int8Matmul.apply(x, self.w_codes_t, self.s_x, self.s_w, self.qmin, self.qmax, self.zp)
         return y + self.bias
 
 
