@@ -20,7 +20,8 @@ import copy
 import torch
 from torch import nn
 
-from .quant import LSQ, MDDQ, QuantLinear
+from .model import InteractionLayer
+from .quant import LSQ, MDDQ, FixedGrid, QuantLinear
 
 
 class _Int8Matmul(torch.autograd.Function):
@@ -90,11 +91,15 @@ def _convert(module: nn.Module, name: str, child: QuantLinear) -> None:
 
 
 def to_int8(model: nn.Module) -> nn.Module:
-    """A copy of a fake-quantized model with int8 weights and int8 GEMMs, and MDDQ as one custom
-    operator (qso3_tvm.kernels.mddq; same outputs up to float summation order)."""
+    """A copy of a fake-quantized model with int8 weights and int8 GEMMs, and MDDQ and the robust
+    attention as custom operators (qso3_tvm.kernels; same outputs up to float summation order)."""
+    from .kernels.attention import L2AttentionKernel
     from .kernels.mddq import MDDQKernel
 
     out = copy.deepcopy(model).eval()
+    for layer in out.modules():
+        if isinstance(layer, InteractionLayer) and layer.attention == "l2norm" and _fixed_grid(layer.hooks):
+            layer.fused_attention = L2AttentionKernel()
     for module in list(out.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, QuantLinear):
@@ -102,6 +107,10 @@ def to_int8(model: nn.Module) -> nn.Module:
             elif isinstance(child, MDDQ) and child.enabled:
                 setattr(module, name, MDDQKernel(child))
     return out
+
+
+def _fixed_grid(hooks) -> bool:
+    return all(isinstance(h, FixedGrid) and h.enabled for h in (hooks.query, hooks.key))
 
 
 def int8_weight_bytes(model: nn.Module) -> int:

@@ -101,6 +101,8 @@ class InteractionLayer(nn.Module):
 
     def attention_weights(self, s, src, dst, fc, n_atoms):
         E, H, d = src.shape[0], self.H, self.F // self.H
+        if getattr(self, "fused_attention", None) is not None:  # deployment: one custom operator
+            return self.fused_attention(self.q(s).view(-1, H, d), self.k(s).view(-1, H, d), src, dst, fc, self.log_tau)
         q, k = self.q(s)[dst].view(E, H, d), self.k(s)[src].view(E, H, d)
         if self.attention == "l2norm":
             q = self.hooks.query(q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-12))

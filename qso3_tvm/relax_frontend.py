@@ -113,7 +113,19 @@ def _mddq_backward(node, imp):
     return _mddq_call(node, imp, backward_func, 3)
 
 
+def _l2_attention(node, imp):
+    """qso3.l2_attention -> call_tir of the fused attention kernel (qso3_tvm.kernels.attention)."""
+    from .kernels.attention import forward_func
+
+    bb = imp.block_builder
+    q, k, src, dst, fc, tau = (imp.env[a] for a in node.args)
+    heads, dim = int(q.ty.shape[1]), int(q.ty.shape[2])
+    gv = bb.add_func(forward_func(heads, dim), f"qso3_l2_attention_{heads}x{dim}")
+    return bb.emit(relax.call_tir(gv, [q, k, src, dst, fc, tau], relax.TensorType([src.ty.shape[0], heads], "float32")))
+
+
 CONVERTERS = {
+    "l2_attention.default": _l2_attention,
     "mddq.default": _mddq,
     "mddq_backward.default": _mddq_backward,
     "_int_mm.default": _int_mm,

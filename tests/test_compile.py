@@ -112,4 +112,5 @@ def test_quantized_model_compiles_to_int8_gemms(tmp_path):
     info = qcompile.compile_model(str(tmp_path / "q.pt"), "x86-64", tmp_path / "art", log=lambda *_: None)
     assert info["model"]["precision"] == "w8a8-mddq"
     assert info["parity"]["max_force_error_mev_per_a"] <= info["parity"]["tolerance_mev"][1]
-    assert "int8 x int8 -> int32" in info["quantization"]["gemm"]
+    kernels = info["quantization"]["kernels"]
+    assert "int8 x int8 -> int32" in kernels["scalar_linears"] and "qso3_mddq" in kernels["mddq"]

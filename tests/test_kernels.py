@@ -148,3 +148,58 @@ def test_mddq_tir_kernels_match_torch_reference(cube):
     tv, tg, ts = (torch.from_numpy(a) for a in (v, g, step))
     np.testing.assert_allclose(out.numpy(), torch.ops.qso3.mddq(tv, ts, 255, cube).numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(dv.numpy(), torch.ops.qso3.mddq_backward(tg, tv, ts, 255, cube).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _attention_case(dtype=np.float32, n=9, e=40, heads=4, dim=16):
+    rng = np.random.default_rng(1)
+    q, k = (rng.normal(size=(n, heads, dim)).astype(dtype) for _ in range(2))
+    src, dst = rng.integers(0, n, e), rng.integers(0, n, e)
+    return q, k, src, dst, rng.uniform(size=e).astype(dtype), np.array([4.0, 3.0, 5.0, 2.0], dtype)[:heads]
+
+
+def test_attention_operator_equals_model_attention_and_its_ste_gradient():
+    """qso3.l2_attention (forward, backward) vs autograd through the QAT model's own attention."""
+    from qso3_tvm.kernels.attention import L2AttentionKernel
+    from qso3_tvm.model import InteractionLayer, ModelConfig
+    from qso3_tvm.quant import FixedGrid
+
+    layer = InteractionLayer(ModelConfig(channels=16, heads=2)).double()
+    layer.hooks.query, layer.hooks.key = FixedGrid(), FixedGrid()
+    rng = np.random.default_rng(2)
+    s = torch.tensor(rng.normal(size=(9, 16)), requires_grad=True)
+    fc = torch.tensor(rng.uniform(size=40), requires_grad=True)
+    src, dst = (torch.tensor(rng.integers(0, 9, 40)) for _ in range(2))
+    g = torch.tensor(rng.normal(size=(40, 2)))
+    results = []
+    for fused in (None, L2AttentionKernel()):
+        layer.fused_attention = fused
+        alpha = layer.attention_weights(s, src, dst, fc, 9)
+        results.append((alpha.detach(), *torch.autograd.grad((alpha * g).sum(), (s, fc))))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def test_attention_tir_kernel_matches_torch_reference():
+    from qso3_tvm.kernels.attention import forward_func
+
+    target = resolve_target("x86-64").tvm_target()
+    inputs = _attention_case()
+    lib = tvm.compile(tvm.IRModule({"main": forward_func(4, 16)}), target=target)
+    out = tvm.runtime.tensor(np.zeros((40, 4), np.float32))
+    lib(*(tvm.runtime.tensor(x) for x in inputs), out)
+    ref = torch.ops.qso3.l2_attention(*(torch.from_numpy(x) for x in inputs)).numpy()
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_graph_runs_custom_operators():
+    """The deployed int8 model's exported graph is mapped onto our TIR kernels."""
+    from qso3_tvm.compile import deployable
+    from qso3_tvm.export import export_energy_forces
+    from qso3_tvm.quant import QuantConfig, quantize_model
+    from qso3_tvm.relax_frontend import import_to_relax
+    from qso3_tvm.testing import model_energy_forces, random_molecule, tiny_model
+
+    model = quantize_model(tiny_model(torch.float32, seed=4), QuantConfig())
+    model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate
+    names = {gv.name_hint for gv in import_to_relax(export_energy_forces(deployable(model))).functions}
+    assert {"qso3_l2_attention_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1"} <= names

@@ -29,7 +29,8 @@ def kernel_summary(target) -> dict:
                           if kern else "int8 x int8 -> int32, generic relax matmul (no int8 dot instruction on this target)",
         "vector_linears": "int8 weights dequantized to float (inputs are MDDQ-decoded vectors)",
         "mddq": "custom TIR operators qso3_mddq / qso3_mddq_backward",
-        "attention": "fixed-grid int8 q, k codes; logits, segment softmax and aggregation as fused generic kernels",
+        "attention": "custom TIR operator qso3_l2_attention (int8 q̂·k̂ codes, int32 dot, temperature, segment "
+                     "softmax with sink); its backward and the message aggregation run as generic fused kernels",
         "forces": "float backward with straight-through semantics (equals the QAT model's autograd forces)",
         "schedules": "default CPU rule (qso3_tvm.kernels.schedule) for unscheduled fused kernels"
                      if target.kind.name == "llvm" else "TVM default",

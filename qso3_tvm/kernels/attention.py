@@ -1,0 +1,143 @@
+"""Robust (L2-normalized) attention as one custom operator: per-atom normalization and int8 codes of
+q and k, int8 q̂·k̂ products with int32 accumulation, temperature, the cutoff-weighted segment
+softmax over each atom's neighbors (with its attention sink) — one TIR kernel instead of ~25
+generic operators and three edge-sized intermediates.
+
+    q̂_n = codes(q_n / |q_n|), codes(x) = floor(127 clamp(x, -1, 1) + 0.5)   (int8, per atom and head)
+    t_e = τ_h (q̂_dst · k̂_src) / 127²        (int8 × int8 -> int32, exact)
+    m_h = max(0, max_e t_e)                  (stability shift, no gradient: as in the model)
+    w_e = fc_e exp(t_e - m_h),  α_e = w_e / (Σ_{e' -> dst_e} w_e' + exp(-m_h))
+
+This equals model.InteractionLayer.attention_weights with FixedGrid q̂/k̂ (normalizing per atom then
+gathering gives the same values as gathering then normalizing). The backward (forces) is the
+straight-through vector-Jacobian product written with torch operators in `_backward`: it is traced
+into the exported graph and compiled as generic fused kernels (no second custom kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import segment_sum
+from ..quant import DIRECTION_LEVELS
+
+NORM_EPS = 1e-12
+
+
+def _codes(x):
+    u = x * torch.rsqrt((x * x).sum(-1, keepdim=True) + NORM_EPS)
+    return torch.floor(u.clamp(-1.0, 1.0) * DIRECTION_LEVELS + 0.5), u
+
+
+def _weights(q, k, src, dst, fc, tau):
+    cq, _ = _codes(q)
+    ck, _ = _codes(k)
+    t = tau * (cq[dst] * ck[src]).sum(-1) / DIRECTION_LEVELS**2  # (E, H)
+    m = t.amax(0).clamp(min=0.0)
+    w = fc[:, None] * torch.exp(t - m)
+    denom = segment_sum(w, dst, q.shape[0]) + torch.exp(-m)
+    return w / denom[dst], w, denom, m
+
+
+@torch.library.custom_op("qso3::l2_attention", mutates_args=())
+def l2_attention(q: torch.Tensor, k: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, fc: torch.Tensor,
+                 tau: torch.Tensor) -> torch.Tensor:
+    """α (E, H) from per-atom q, k (N, H, d), edges src -> dst, cutoff weights fc (E,), τ (H,)."""
+    return _weights(q, k, src, dst, fc, tau)[0]
+
+
+@l2_attention.register_fake
+def _(q, k, src, dst, fc, tau):
+    return q.new_empty((src.shape[0], q.shape[1]))
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output)
+
+
+def _backward(ctx, g_alpha):
+    q, k, src, dst, fc, tau, alpha = ctx.saved_tensors
+    n = q.shape[0]
+    cq, uq = _codes(q)
+    ck, uk = _codes(k)
+    t = tau * (cq[dst] * ck[src]).sum(-1) / DIRECTION_LEVELS**2
+    m = t.amax(0).clamp(min=0.0)
+    e_t = torch.exp(t - m)
+    denom = segment_sum(fc[:, None] * e_t, dst, n) + torch.exp(-m)
+    g_w = (g_alpha - segment_sum(g_alpha * alpha, dst, n)[dst]) / denom[dst]  # softmax-with-sink VJP
+    g_t = g_w * fc[:, None] * e_t
+    g_fc = (g_w * e_t).sum(-1)
+    g_qhat = segment_sum((g_t * tau)[..., None] * ck[src] / DIRECTION_LEVELS, dst, n)  # STE: codes/127 ~ q̂
+    g_khat = segment_sum((g_t * tau)[..., None] * cq[dst] / DIRECTION_LEVELS, src, n)
+    return _norm_vjp(g_qhat, q, uq), _norm_vjp(g_khat, k, uk), None, None, g_fc, None
+
+
+def _norm_vjp(g, x, u):
+    """VJP of u = x / sqrt(|x|² + ε) (clamp to [-1, 1] passes the gradient: |u| <= 1)."""
+    return (g - u * (g * u).sum(-1, keepdim=True)) * torch.rsqrt((x * x).sum(-1, keepdim=True) + NORM_EPS)
+
+
+l2_attention.register_autograd(_backward, setup_context=_setup)
+
+
+class L2AttentionKernel(nn.Module):
+    """Deployment form of a layer's l2norm attention with fixed-grid q̂, k̂ (see quant.FixedGrid)."""
+
+    def forward(self, q, k, src, dst, fc, log_tau):
+        return torch.ops.qso3.l2_attention(q, k, src, dst, fc, torch.exp(log_tau))
+
+
+# ---- TIR kernel (N, E symbolic; H, d static) ----------------------------------------------------
+
+def forward_func(heads: int, dim: int):
+    from tvm.script import tirx as T
+
+    L = float(DIRECTION_LEVELS)
+
+    @T.prim_func(s_tir=True)
+    def l2_attention_fwd(q_h: T.handle, k_h: T.handle, src_h: T.handle, dst_h: T.handle, fc_h: T.handle,
+                         tau: T.Buffer((heads,), "float32"), out_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n, e = T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, heads, dim), "float32")
+        k = T.match_buffer(k_h, (n, heads, dim), "float32")
+        src = T.match_buffer(src_h, (e,), "int64")
+        dst = T.match_buffer(dst_h, (e,), "int64")
+        fc = T.match_buffer(fc_h, (e,), "float32")
+        alpha = T.match_buffer(out_h, (e, heads), "float32")
+        cq = T.alloc_buffer((n, heads, dim), "int8")
+        ck = T.alloc_buffer((n, heads, dim), "int8")
+        den = T.alloc_buffer((n, heads), "float32")
+        mx = T.alloc_buffer((heads,), "float32")
+        acc = T.alloc_buffer((1,), "int32")
+        norm = T.alloc_buffer((2,), "float32")
+        with T.sblock("codes"):  # per-atom int8 codes of q̂ and k̂
+            for a, h in T.grid(n, heads):
+                norm[0] = T.float32(0)
+                norm[1] = T.float32(0)
+                for j in range(dim):
+                    norm[0] = norm[0] + q[a, h, j] * q[a, h, j]
+                    norm[1] = norm[1] + k[a, h, j] * k[a, h, j]
+                for j in range(dim):
+                    cq[a, h, j] = T.Cast("int8", T.floor(T.max(T.min(q[a, h, j] * T.rsqrt(norm[0] + T.float32(NORM_EPS)), T.float32(1)), T.float32(-1)) * T.float32(L) + T.float32(0.5)))
+                    ck[a, h, j] = T.Cast("int8", T.floor(T.max(T.min(k[a, h, j] * T.rsqrt(norm[1] + T.float32(NORM_EPS)), T.float32(1)), T.float32(-1)) * T.float32(L) + T.float32(0.5)))
+        with T.sblock("softmax"):
+            for h in range(heads):
+                mx[h] = T.float32(0)
+                for i in range(e):  # logits (stored in alpha), max per head
+                    acc[0] = 0
+                    for j in range(dim):
+                        acc[0] = acc[0] + T.Cast("int32", cq[dst[i], h, j]) * T.Cast("int32", ck[src[i], h, j])
+                    alpha[i, h] = tau[h] * T.Cast("float32", acc[0]) / T.float32(L * L)
+                    mx[h] = T.max(mx[h], alpha[i, h])
+                for a in range(n):
+                    den[a, h] = T.exp(-mx[h])
+                for i in range(e):  # cutoff-weighted exponentials, neighbor sums
+                    alpha[i, h] = fc[i] * T.exp(alpha[i, h] - mx[h])
+                    den[dst[i], h] = den[dst[i], h] + alpha[i, h]
+                for i in range(e):
+                    alpha[i, h] = alpha[i, h] / den[dst[i], h]
+
+    return l2_attention_fwd.with_attrs({"global_symbol": "qso3_l2_attention", "tirx.is_scheduled": True,
+                                        "op_pattern": 8})
