@@ -62,9 +62,12 @@ def tolerances(prec: str) -> tuple[float, float]:
     return (float(os.environ.get("QSO3_COMPILE_TOL_E_MEV", e)), float(os.environ.get("QSO3_COMPILE_TOL_F_MEV", f)))
 
 
-def deployable(model):
-    """The module that gets exported: quantized models in their int8 form (int8 weights, int8 GEMMs)."""
-    return to_int8(model) if getattr(model, "quant_cfg", None) is not None else model
+def deployable(model, spec: TargetSpec | None = None):
+    """The module that gets exported: quantized models in their int8 form (int8 weights, int8 GEMMs;
+    MDDQ and attention as our TIR operators on CPU targets, generic operators elsewhere)."""
+    if getattr(model, "quant_cfg", None) is None:
+        return model
+    return to_int8(model, custom_ops=spec is None or spec.device == "cpu")
 
 
 def build(model, spec: TargetSpec, bucket=None, tuning_records=None):
@@ -73,7 +76,7 @@ def build(model, spec: TargetSpec, bucket=None, tuning_records=None):
     import tvm
 
     target = spec.tvm_target()
-    mod, _ = apply_kernels(import_to_relax(export_energy_forces(deployable(model), bucket=bucket)), target)
+    mod, _ = apply_kernels(import_to_relax(export_energy_forces(deployable(model, spec), bucket=bucket)), target)
     if tuning_records:
         from .tune import apply_tuning_records, tuning_target
 

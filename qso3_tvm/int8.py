@@ -90,21 +90,23 @@ def _convert(module: nn.Module, name: str, child: QuantLinear) -> None:
         setattr(module, name, Int8WeightLinear(child))
 
 
-def to_int8(model: nn.Module) -> nn.Module:
+def to_int8(model: nn.Module, custom_ops: bool = True) -> nn.Module:
     """A copy of a fake-quantized model with int8 weights and int8 GEMMs, and MDDQ and the robust
-    attention as custom operators (qso3_tvm.kernels; same outputs up to float summation order)."""
+    attention as custom operators (qso3_tvm.kernels; same outputs up to float summation order).
+    `custom_ops=False` keeps MDDQ and attention as generic operators (targets with no TIR kernels
+    for them: GPUs)."""
     from .kernels.attention import L2AttentionKernel
     from .kernels.mddq import MDDQKernel
 
     out = copy.deepcopy(model).eval()
-    for layer in out.modules():
+    for layer in out.modules() if custom_ops else ():
         if isinstance(layer, InteractionLayer) and layer.attention == "l2norm" and _fixed_grid(layer.hooks):
             layer.fused_attention = L2AttentionKernel()
     for module in list(out.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, QuantLinear):
                 _convert(module, name, child)
-            elif isinstance(child, MDDQ) and child.enabled:
+            elif isinstance(child, MDDQ) and child.enabled and custom_ops:
                 setattr(module, name, MDDQKernel(child))
     return out
 

@@ -24,13 +24,15 @@ def kernel_summary(target) -> dict:
     from .int8_matmul import dot_kernel
 
     kern = dot_kernel(target)
+    cpu = target.kind.name == "llvm"
     return {
         "scalar_linears": f"int8 x int8 -> int32, {kern.name} TIR kernel, weights packed at compile time"
                           if kern else "int8 x int8 -> int32, generic relax matmul (no int8 dot instruction on this target)",
         "vector_linears": "int8 weights dequantized to float (inputs are MDDQ-decoded vectors)",
-        "mddq": "custom TIR operators qso3_mddq / qso3_mddq_backward",
+        "mddq": "custom TIR operators qso3_mddq / qso3_mddq_backward" if cpu else "generic operators",
         "attention": "custom TIR operator qso3_l2_attention (int8 q̂·k̂ codes, int32 dot, temperature, segment "
-                     "softmax with sink); its backward and the message aggregation run as generic fused kernels",
+                     "softmax with sink); its backward and the message aggregation run as generic fused kernels"
+                     if cpu else "generic operators",
         "forces": "float backward with straight-through semantics (equals the QAT model's autograd forces)",
         "schedules": "default CPU rule (qso3_tvm.kernels.schedule) for unscheduled fused kernels"
                      if target.kind.name == "llvm" else "TVM default",
@@ -56,3 +58,4 @@ def relax_pipeline(target):
             return tvm.transform.Sequential(seq)(mod)
 
     return _pipeline
+
