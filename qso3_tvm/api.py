@@ -12,11 +12,13 @@ from .runtime import MANIFEST, CompiledModel
 
 def evaluate(model: str, data: str, lee_frames: int = 100, max_frames: int = 0) -> dict:
     """Energy/force MAE and LEE of a checkpoint or compiled artifact on a dataset
-    (molecule names resolve to the test split)."""
+    (molecule names resolve to the test split). The model is checked before the data is read."""
+    compiled_dir = (Path(model) / MANIFEST).is_file()
+    net = None if compiled_dir else load_model(model)
     mols = load_dataset(data, split="test")
     if max_frames:
         mols = mols.subset(range(min(max_frames, len(mols))))
-    if (Path(model) / MANIFEST).is_file():
+    if compiled_dir:
         compiled = CompiledModel(model)
         validate(mols, species=compiled.species, source=data)
         energies, forces = compiled.predict(mols)
@@ -26,7 +28,6 @@ def evaluate(model: str, data: str, lee_frames: int = 100, max_frames: int = 0) 
         result["lee_mev_per_a"] = lee_metric(compiled.forces_fn(), mols, lee_frames)
         result["lee_frames"] = min(lee_frames, len(mols))
         return result
-    net = load_model(model)
     validate(mols, species=net.cfg.species, source=data)
     result = {"model": str(model), "data": str(data), "precision": precision(net), "backend": "torch"}
     result.update(evaluate_model(net, mols, lee_frames=lee_frames))

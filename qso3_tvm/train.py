@@ -221,15 +221,15 @@ def train_qat(cfg: TrainConfig, fp32_model: str, qcfg, resume: bool = True) -> d
     from .checkpoint import build_model, load_model
     from .quant import param_groups, quantize_model, set_stage
 
+    state = start_run(cfg, resume)
+    base = None if state is not None else load_model(fp32_model)  # model errors before reading data
+    if base is not None and getattr(base, "quant_cfg", None) is not None:
+        raise QSO3Error(f"{fp32_model} is already quantized: quantize starts from an fp32 checkpoint")
     mols = load_dataset(cfg.data, "train")
     train_idx, _ = split_indices(cfg, mols)
-    state = start_run(cfg, resume)
     if state is not None:
         model = build_model(state["config"], state["quant"])
     else:
-        base = load_model(fp32_model)
-        if getattr(base, "quant_cfg", None) is not None:
-            raise QSO3Error(f"{fp32_model} is already quantized: quantize starts from an fp32 checkpoint")
         model = quantize_model(base, qcfg)
         with torch.no_grad():  # calibrate every quantizer's step on training frames before staging
             batch = make_batch(mols, train_idx[:32], model.cfg.species, model.cfg.cutoff)
