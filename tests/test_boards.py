@@ -141,3 +141,21 @@ def test_board_killed_mid_run_gives_clear_error_and_no_report(artifacts, tmp_pat
         assert not list(tmp_path.iterdir())
     finally:
         board.stop()
+
+
+def test_int8_sdot_artifact_runs_on_emulated_pi5(tmp_path):
+    """The quantized model's arm64 build (int8 GEMMs on `sdot`, MDDQ and attention TIR kernels) gives
+    PyTorch's energies and forces on an emulated Cortex-A76."""
+    from qso3_tvm.quant import QuantConfig, quantize_model
+    from qso3_tvm.testing import model_energy_forces, random_molecule
+
+    model = quantize_model(tiny_model(torch.float32, seed=4, energy_shift=SHIFT), QuantConfig())
+    model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate
+    save_model(tmp_path / "q.pt", model)
+    info = compile_model(str(tmp_path / "q.pt"), "arm64-cortex-a76", tmp_path / "a76", log=lambda *_: None)
+    assert "arm-sdot" in info["quantization"]["kernels"]["scalar_linears"]
+    with start_board(cpu="cortex-a76", port=free_port(), key="pi5") as board:
+        result = profile(tmp_path / "a76", rpc=board.address, key="pi5", repeat=1, report_dir=None,
+                         log=lambda *_: None)
+    assert result["verified"], result["errors_vs_reference"]
+    assert result["errors_vs_reference"]["max_force_error_mev_per_a"] < 1.0  # tiny model: no rounding ties seen
