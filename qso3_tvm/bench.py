@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import QSO3Error
+from .files import atomic_write
 
 ROUTES = {
     "eager-fp32": "PyTorch eager, fp32 checkpoint (the reference route)",
@@ -93,13 +94,6 @@ class BenchConfig:
 
 
 # ---------------------------------------------------------------- helpers
-def atomic_write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def loadavg() -> list[float]:
     try:
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]

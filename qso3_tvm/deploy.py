@@ -17,6 +17,7 @@ import numpy as np
 
 from .data import MoleculeSet
 from .errors import QSO3Error
+from .files import atomic_write
 from .runtime import CompiledModel, max_errors, read_manifest, sample_set
 
 TRACKER_ENV = ("TVM_TRACKER_HOST", "TVM_TRACKER_PORT", "TVM_TRACKER_KEY")
@@ -106,12 +107,6 @@ class RemoteModel(CompiledModel):
                 "min": float(runs_ms.min()), "std": float(runs_ms.std()), "repeat": repeat, "number": number}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def profile(artifact: str | Path, rpc: str | None = None, tracker: str | None = None, key: str | None = None,
             repeat: int = 10, number: int = 1, report_dir: str | Path | None = "reports", log=print) -> dict:
     """Verify and time an artifact on a board; writes the report pair unless report_dir is None."""
@@ -165,6 +160,6 @@ def write_report(result: dict, report_dir: Path) -> str:
         f"| {ta['molecules']} sample molecules, one batch | {ta['mean']:.3f} | {ta['median']:.3f} | {ta['max']:.3f} | "
         f"{ta['min']:.3f} | {ta['std']:.3f} | {ta['repeat']}×{ta['number']} |", "",
         f"Made by `qso3-tvm profile {result['artifact']} ...` at {result['created']}.", ""])
-    _atomic_write(report_dir / f"{stem}.json", json.dumps(result, indent=1))
-    _atomic_write(report_dir / f"{stem}.md", md)
+    atomic_write(report_dir / f"{stem}.json", json.dumps(result, indent=1))
+    atomic_write(report_dir / f"{stem}.md", md)
     return str(report_dir / stem)

@@ -15,10 +15,8 @@ Checks (summary["stability"]), all from the start geometry:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 from ase import units
 
 from .errors import QSO3Error
+from .files import atomic_path
 
 BOND_FACTOR, STRETCH_MAX, COMPRESS_MIN, CONTACT_MIN_A = 1.2, 1.5, 0.6, 0.6
 ENSEMBLES = ("nve", "langevin")
@@ -200,17 +199,6 @@ def energy_stats(rows: np.ndarray, n_atoms: int, ensemble: str) -> dict:
 
 
 # ---------------------------------------------------------------- outputs
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path next to `path`; renamed to `path` only if the block completes."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_log(path: Path, rows: list[tuple]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
