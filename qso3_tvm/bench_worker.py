@@ -197,7 +197,14 @@ def tvm_case(route: str, spec: dict, inputs: dict, mode: str):
     arrays = [inputs[f"g_{k}"] for k in ("species", "pos", "mol", "src", "dst")]
     arrays.append(np.zeros(int(inputs["g_n_mol"]), np.float32))
     if manifest["inputs"].get("buckets"):  # static (tuned) build: pad to its bucket, as CompiledModel does
-        arrays = bucket_padded(arrays, manifest)
+        from .errors import BucketError
+        from .tune import pad_to_bucket
+
+        try:
+            arrays = pad_to_bucket(arrays, manifest["inputs"]["buckets"], float(manifest["model"]["cutoff"]),
+                                   spec["artifact"])
+        except BucketError as e:
+            raise RouteSkip(str(e)) from None
     args = [tvm.runtime.tensor(a, dev) for a in arrays]
     fn = tvm_case.vm[fn_name]
     n_real_atoms, n_real_mol = int(inputs["n_atoms"]), int(inputs["n_mol"])
@@ -224,17 +231,6 @@ def tvm_case(route: str, spec: dict, inputs: dict, mode: str):
         return counts["kernels"]
 
     return call, n_ops
-
-
-def bucket_padded(arrays, manifest: dict) -> list:
-    from .tune import choose_bucket, pad_arrays
-
-    n, e, m = len(arrays[0]), len(arrays[3]), len(arrays[5])
-    bucket = choose_bucket(manifest["inputs"]["buckets"], n - 2, e - 2, m - 1)
-    if bucket is None:
-        raise RouteSkip(f"{m - 1} molecule(s), {n - 2} atoms, {e - 2} edges exceed the artifact's size buckets "
-                        f"{manifest['inputs']['buckets']}")
-    return list(pad_arrays(*arrays[:5], m, bucket, float(manifest["model"]["cutoff"]), ghost=(n - 2, n - 1)))
 
 
 class RouteSkip(Exception):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import MoleculeSet, make_batch, species_index
-from .errors import QSO3Error
+from .errors import BucketError, QSO3Error
 
 MANIFEST = "manifest.json"
 
@@ -78,16 +78,9 @@ class CompiledModel:
         arrays.append(np.zeros(batch.n_mol, np.float32))
         buckets = self.manifest["inputs"].get("buckets")
         if buckets:  # static build: pad to the bucket (qso3_tvm.tune)
-            from .tune import choose_bucket, pad_arrays
+            from .tune import pad_to_bucket
 
-            n, e = len(arrays[0]) - 2, len(arrays[3]) - 2
-            bucket = choose_bucket(buckets, n, e, len(idx) - 1)
-            if bucket is None:
-                raise BucketError(f"{len(idx) - 1} molecule(s) with {n} atoms and {e} edges exceed every size bucket "
-                                  f"of {self.path} ({buckets} as atoms,edges,molecules incl. a 2-atom ghost); "
-                                  "compile with a larger --bucket or use an untuned (dynamic) build")
-            arrays = list(pad_arrays(*arrays[:5], batch.n_mol, bucket, float(self.manifest["model"]["cutoff"]),
-                                     ghost=(n, n + 1)))
+            arrays = pad_to_bucket(arrays, buckets, float(self.manifest["model"]["cutoff"]), str(self.path))
         return [tvm.runtime.tensor(a, self.device) for a in arrays], padded
 
     def call(self, args) -> tuple[np.ndarray, np.ndarray]:
@@ -125,10 +118,6 @@ class CompiledModel:
                 continue
             energies.append(e), forces.append(f)
         return np.concatenate(energies), np.concatenate(forces)
-
-
-class BucketError(QSO3Error):
-    """A call exceeds every static size bucket of the artifact."""
 
 
 def read_manifest(path: Path) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import QSO3Error
+from .errors import BucketError, QSO3Error
 
 SCHEDULES_DIR = Path(os.environ.get("QSO3_SCHEDULES_DIR", Path(__file__).resolve().parents[1] / "schedules"))
 WORKLOAD_FILE, RECORD_FILE, TASKS_FILE = "database_workload.json", "database_tuning_record.json", "tasks.json"
@@ -85,6 +85,18 @@ def choose_bucket(buckets, atoms: int, edges: int, molecules: int) -> Bucket | N
     """The smallest bucket (by atoms, then edges) the call fits in, or None."""
     fitting = [b for b in map(Bucket.parse, buckets) if b.fits(atoms, edges, molecules)]
     return min(fitting, key=lambda b: (b.atoms, b.edges, b.molecules)) if fitting else None
+
+
+def pad_to_bucket(arrays: list, buckets, cutoff: float, where: str) -> list:
+    """A call's graph arrays (species, pos, mol, src, dst, mol_slots; the 2-atom ghost molecule last)
+    padded to the smallest bucket that fits; BucketError names the limits otherwise."""
+    n, e, molecules = len(arrays[0]) - 2, len(arrays[3]) - 2, len(arrays[5]) - 1
+    bucket = choose_bucket(buckets, n, e, molecules)
+    if bucket is None:
+        raise BucketError(f"{molecules} molecule(s) with {n} atoms and {e} edges exceed every size bucket "
+                          f"of {where} ({buckets} as atoms,edges,molecules incl. a 2-atom ghost); "
+                          "compile with a larger --bucket or use an untuned (dynamic) build")
+    return list(pad_arrays(*arrays[:5], molecules + 1, bucket, cutoff, ghost=(n, n + 1)))
 
 
 def pad_arrays(species, pos, mol, src, dst, n_mol: int, bucket: Bucket, cutoff: float, ghost: tuple[int, int] | None = None):
