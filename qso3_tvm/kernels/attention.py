@@ -30,21 +30,22 @@ def _codes(x):
     return torch.floor(u.clamp(-1.0, 1.0) * DIRECTION_LEVELS + 0.5), u
 
 
-def _weights(q, k, src, dst, fc, tau):
-    cq, _ = _codes(q)
-    ck, _ = _codes(k)
+def _softmax_parts(q, k, src, dst, fc, tau):
+    """int8 codes and unit vectors of q, k; exp(t - m) per edge; the neighbor sums with the sink."""
+    (cq, uq), (ck, uk) = _codes(q), _codes(k)
     t = tau * (cq[dst] * ck[src]).sum(-1) / DIRECTION_LEVELS**2  # (E, H)
     m = t.amax(0).clamp(min=0.0)
-    w = fc[:, None] * torch.exp(t - m)
-    denom = segment_sum(w, dst, q.shape[0]) + torch.exp(-m)
-    return w / denom[dst], w, denom, m
+    e_t = torch.exp(t - m)
+    denom = segment_sum(fc[:, None] * e_t, dst, q.shape[0]) + torch.exp(-m)
+    return cq, uq, ck, uk, e_t, denom
 
 
 @torch.library.custom_op("qso3::l2_attention", mutates_args=())
 def l2_attention(q: torch.Tensor, k: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, fc: torch.Tensor,
                  tau: torch.Tensor) -> torch.Tensor:
     """α (E, H) from per-atom q, k (N, H, d), edges src -> dst, cutoff weights fc (E,), τ (H,)."""
-    return _weights(q, k, src, dst, fc, tau)[0]
+    *_, e_t, denom = _softmax_parts(q, k, src, dst, fc, tau)
+    return fc[:, None] * e_t / denom[dst]
 
 
 @l2_attention.register_fake
@@ -59,12 +60,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, g_alpha):
     q, k, src, dst, fc, tau, alpha = ctx.saved_tensors
     n = q.shape[0]
-    cq, uq = _codes(q)
-    ck, uk = _codes(k)
-    t = tau * (cq[dst] * ck[src]).sum(-1) / DIRECTION_LEVELS**2
-    m = t.amax(0).clamp(min=0.0)
-    e_t = torch.exp(t - m)
-    denom = segment_sum(fc[:, None] * e_t, dst, n) + torch.exp(-m)
+    cq, uq, ck, uk, e_t, denom = _softmax_parts(q, k, src, dst, fc, tau)
     g_w = (g_alpha - segment_sum(g_alpha * alpha, dst, n)[dst]) / denom[dst]  # softmax-with-sink VJP
     g_t = g_w * fc[:, None] * e_t
     g_fc = (g_w * e_t).sum(-1)

@@ -42,7 +42,6 @@ def kernel_summary(target) -> dict:
 def relax_pipeline(target):
     """TVM's default pipeline for the target, plus our default CPU schedules after fusion."""
     import tvm
-    from tvm import relax
 
     if target.kind.name != "llvm":
         return "default"
