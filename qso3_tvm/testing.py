@@ -36,6 +36,18 @@ def random_molecule(n_atoms: int, species=(1, 6, 8), seed: int = 0, min_dist: fl
     return rng.choice(species, size=n_atoms), np.array(pos)
 
 
+# per-element shifts of realistic size (eV; H, C, N, O, F): totals of ~1e3 eV exercise the float64 shift path
+ENERGY_SHIFT_EV = [-13.6, -1030.0, -1480.0, -2040.0, -2700.0]
+
+
+def save_tiny_model(path, dtype=torch.float32, seed: int = 2, **overrides):
+    """A tiny model with realistic energy shifts saved as a checkpoint at `path`; returns the path."""
+    from .checkpoint import save_model
+
+    save_model(path, tiny_model(dtype, seed=seed, **{"energy_shift": ENERGY_SHIFT_EV, **overrides}))
+    return path
+
+
 def tiny_model(dtype=torch.float64, seed: int = 0, **overrides) -> So3krates:
     from .model import ModelConfig
 

@@ -13,19 +13,18 @@ from qso3_tvm.checkpoint import save_model
 from qso3_tvm.compile import compile_model
 from qso3_tvm.deploy import RemoteModel, connect, profile
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.testing import tiny_model
+from qso3_tvm.testing import ENERGY_SHIFT_EV, save_tiny_model, tiny_model
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-aarch64") is None or shutil.which("aarch64-linux-gnu-g++") is None,
     reason="needs qemu-user and g++-aarch64-linux-gnu")
-SHIFT = [-13.6, -1030.0, -1480.0, -2040.0, -2700.0]
 
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("boards")
-    save_model(root / "tiny.pt", tiny_model(torch.float32, seed=2, energy_shift=SHIFT))
+    save_tiny_model(root / "tiny.pt")
     quiet = lambda *_: None  # noqa: E731
     return {t: compile_model(str(root / "tiny.pt"), t, root / t, log=quiet) and root / t
             for t in ("arm64-cortex-a72", "arm64-cortex-a76")}
@@ -149,7 +148,7 @@ def test_int8_sdot_artifact_runs_on_emulated_pi5(tmp_path):
     from qso3_tvm.quant import QuantConfig, quantize_model
     from qso3_tvm.testing import model_energy_forces, random_molecule
 
-    model = quantize_model(tiny_model(torch.float32, seed=4, energy_shift=SHIFT), QuantConfig())
+    model = quantize_model(tiny_model(torch.float32, seed=4, energy_shift=ENERGY_SHIFT_EV), QuantConfig())
     model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate
     save_model(tmp_path / "q.pt", model)
     info = compile_model(str(tmp_path / "q.pt"), "arm64-cortex-a76", tmp_path / "a76", log=lambda *_: None)

@@ -12,29 +12,27 @@ from typer.testing import CliRunner
 
 from qso3_tvm import md as qmd
 from qso3_tvm.calculator import QSO3Calculator, check_size
-from qso3_tvm.checkpoint import save_model
 from qso3_tvm.cli import app
 from qso3_tvm.compile import compile_model
 from qso3_tvm.data import load_rmd17
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.testing import tiny_model
+from qso3_tvm.testing import ENERGY_SHIFT_EV, save_tiny_model
 
 runner = CliRunner()
-SHIFT = [-13.6, -1030.0, -1480.0, -2040.0, -2700.0]
 OUTPUTS = {"traj.extxyz", "log.csv", "energy.png", "summary.json"}
 
 
 @pytest.fixture(scope="module")
 def eager_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny64.pt"
-    save_model(path, tiny_model(torch.float64, seed=2, energy_shift=SHIFT))
+    save_tiny_model(path, torch.float64)
     return path
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("art")
-    save_model(tmp / "tiny32.pt", tiny_model(torch.float32, seed=2, layers=1, energy_shift=SHIFT))  # 1 layer: faster build
+    save_tiny_model(tmp / "tiny32.pt", layers=1)  # 1 layer: faster build
     compile_model(str(tmp / "tiny32.pt"), "x86-64", tmp / "x86", log=lambda *_: None)
     return tmp / "x86"
 
@@ -71,7 +69,7 @@ def test_forces_are_minus_energy_gradient(kind, eager_ckpt, artifact, ethanol):
     # float64: round-off ~1e-9; float32 (compiled): energy round-off / 2h and force round-off dominate
     h, tol = (1e-4, 1e-6) if kind == "eager" else (5e-3, 2e-3)
     assert np.abs(fd_forces(ethanol, h) - forces).max() <= tol * max(1.0, np.abs(forces).max())
-    shift = sum(SHIFT[[1, 6, 7, 8, 9].index(z)] for z in ethanol.numbers)
+    shift = sum(ENERGY_SHIFT_EV[[1, 6, 7, 8, 9].index(z)] for z in ethanol.numbers)
     assert abs(ethanol.get_potential_energy() - shift) < 50  # the total energy includes the element shifts
 
 

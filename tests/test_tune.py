@@ -9,17 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qso3_tvm.checkpoint import save_model
 from qso3_tvm.cli import app
 from qso3_tvm.compile import compile_model
 from qso3_tvm.data import MoleculeSet
 from qso3_tvm.errors import QSO3Error
 from qso3_tvm.runtime import CompiledModel
-from qso3_tvm.testing import model_energy_forces, random_molecule, tiny_model
+from qso3_tvm.testing import ENERGY_SHIFT_EV, model_energy_forces, random_molecule, save_tiny_model, tiny_model
 from qso3_tvm.tune import (RECORD_FILE, WORKLOAD_FILE, Bucket, choose_bucket, database_sha256, open_database,
                            pad_arrays, tune)
 
-SHIFT = [-13.6, -1030.0, -1480.0, -2040.0, -2700.0]
 BUCKET = "24,300,3"  # one ethanol (9 atoms, 72 edges) or paracetamol (20 atoms) per call, or two ethanols
 quiet = lambda *_: None  # noqa: E731
 
@@ -31,7 +29,7 @@ def records(db):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
-    save_model(root / "tiny.pt", tiny_model(torch.float32, seed=2, energy_shift=SHIFT))
+    save_tiny_model(root / "tiny.pt")
     return root
 
 
@@ -92,8 +90,8 @@ def test_tiny_tuning_round_trip(tuned_db, tuned_artifact, tiny):
     model = CompiledModel(art)
     z, x = random_molecule(10, species=(1, 6, 8), seed=3)
     e, f = model.energy_forces(z, x)
-    e_ref, f_ref = model_energy_forces(tiny_model(torch.float32, seed=2, energy_shift=SHIFT).double(), z, x)
-    e_ref += sum(SHIFT[(1, 6, 7, 8, 9).index(int(zi))] for zi in z)  # the eager helper gives interaction energy
+    e_ref, f_ref = model_energy_forces(tiny_model(torch.float32, seed=2, energy_shift=ENERGY_SHIFT_EV).double(), z, x)
+    e_ref += sum(ENERGY_SHIFT_EV[(1, 6, 7, 8, 9).index(int(zi))] for zi in z)  # the eager helper gives interaction energy
     assert abs(e - e_ref) < 1e-3 and np.abs(f - f_ref).max() < 1e-3
     mols = MoleculeSet.from_molecules([(z, x)] * 3)  # 3 molecules never fit one call: split into calls
     energies, forces = model.predict(mols)
