@@ -533,6 +533,8 @@ def tune(model_spec: str, target: str, trials: int, work_dir: str | Path | None 
     n_new = sum(r["trials"] for r in rows)
     log(f"{n_new} records in {work} ({elapsed:.0f} s this run"
         + (f", {elapsed / max(1, n_new):.2f} s per trial" if n_new else "") + ")")
+    if getattr(runner, "pool", None) is not None:  # LocalRunner keeps worker processes alive otherwise
+        runner.pool.shutdown()
     return summary
 
 
