@@ -25,7 +25,8 @@ elif [ "$ARCH" = aarch64 ]; then
     python3 - "$WHEELS" <<'PY'
 import pathlib, sys, zipfile
 root = pathlib.Path(sys.argv[1])
-keep = ("tvm/lib/libtvm_runtime.so", "tvm/lib/libtvm_runtime_extra.so", "tvm_ffi/lib/libtvm_ffi.so", "tvm_ffi/include/")
+keep = ("tvm/lib/libtvm_runtime.so", "tvm/lib/libtvm_runtime_extra.so", "tvm/lib/libtvm_runtime_cuda.so",
+        "tvm_ffi/lib/libtvm_ffi.so", "tvm_ffi/include/")
 for wheel in root.glob("*.whl"):
     with zipfile.ZipFile(wheel) as z:
         for name in z.namelist():
@@ -42,7 +43,9 @@ fi
 mkdir -p "$OUT/lib"
 cp "$TVM_DIR/lib/libtvm_runtime.so" "$FFI_DIR/lib/libtvm_ffi.so" "$OUT/lib/"
 [ -f "$TVM_DIR/lib/libtvm_runtime_extra.so" ] && cp "$TVM_DIR/lib/libtvm_runtime_extra.so" "$OUT/lib/"
+# CUDA boards (Jetson): loaded at run time if present; needs the driver and libcudart.so.13 there
+[ -f "$TVM_DIR/lib/libtvm_runtime_cuda.so" ] && cp "$TVM_DIR/lib/libtvm_runtime_cuda.so" "$OUT/lib/"
 "$CXX" -std=c++17 -O2 -o "$OUT/qso3-rpc-server.tmp" qso3_rpc_server.cc -I"$FFI_DIR/include" \
-  -L"$OUT/lib" -Wl,--no-as-needed -ltvm_runtime -ltvm_ffi -Wl,-rpath,'$ORIGIN/lib' -lpthread
+  -L"$OUT/lib" -Wl,--no-as-needed -ltvm_runtime -ltvm_ffi -Wl,-rpath,'$ORIGIN/lib' -lpthread -ldl
 mv "$OUT/qso3-rpc-server.tmp" "$OUT/qso3-rpc-server"
 echo "$OUT/qso3-rpc-server (apache-tvm $TVM_VERSION, apache-tvm-ffi $FFI_VERSION)"

@@ -11,6 +11,8 @@
 // One forked child per session: a crash (SIGSEGV, SIGILL on a missing CPU feature) ends that session
 // only; the board keeps serving. A session timeout (client's -timeout or --timeout) kills the child.
 #include <arpa/inet.h>
+#include <dlfcn.h>
+#include <limits.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -173,6 +175,23 @@ class Tracker {
 // ---------------------------------------------------------------- one session (in a forked child)
 // What the profiler checks an artifact against: ISA and the CPU features the kernel reports.
 std::string g_label;  // --label: how the board describes itself (e.g. emulated-qemu-cortex-a76)
+std::string g_cuda = "absent";  // CUDA runtime: "loaded", "absent" (no lib/libtvm_runtime_cuda.so) or the load error
+
+// The CUDA device API and module loader live in libtvm_runtime_cuda.so (beside libtvm_runtime.so in
+// lib/). Loaded per session, after fork: CUDA must not be initialised in the parent. Artifacts carry
+// precompiled device code (fatbin), so no CUDA compiler is needed here, only the driver and libcudart.
+void LoadCudaRuntime() {
+  char exe[PATH_MAX] = {0};
+  if (readlink("/proc/self/exe", exe, sizeof(exe) - 1) <= 0) return;
+  std::string lib = std::string(exe).substr(0, std::string(exe).rfind('/')) + "/lib/libtvm_runtime_cuda.so";
+  if (access(lib.c_str(), R_OK) != 0) return;
+  if (dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL) != nullptr) {
+    g_cuda = "loaded";
+  } else {
+    g_cuda = std::string("error: ") + dlerror();
+    Log("CUDA runtime not loaded (CPU only): " + g_cuda);
+  }
+}
 
 std::string BoardInfo() {
   utsname u{};
@@ -198,7 +217,7 @@ std::string BoardInfo() {
 #endif
   std::string json = "{\"label\": " + JsonStr(g_label) + ", \"machine\": " + JsonStr(u.machine) + ", \"features\": [";
   for (size_t i = 0; i < features.size(); ++i) json += (i ? ", " : "") + JsonStr(features[i]);
-  return json + "]}";
+  return json + "], \"cuda_runtime\": " + JsonStr(g_cuda) + "}";
 }
 
 void RegisterServerFunctions(const std::string& work_dir) {
@@ -217,6 +236,7 @@ void RegisterServerFunctions(const std::string& work_dir) {
 [[noreturn]] void ServeSession(int conn, const std::string& work_dir, int timeout) {
   if (timeout > 0) alarm(static_cast<unsigned>(timeout));  // SIGALRM ends the session
   mkdir(work_dir.c_str(), 0700);
+  LoadCudaRuntime();
   RegisterServerFunctions(work_dir);
   int one = 1;
   setsockopt(conn, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));

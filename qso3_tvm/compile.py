@@ -87,13 +87,18 @@ def build(model, spec: TargetSpec, bucket=None, tuning_records=None):
 def write_library(executable, path: Path, spec: TargetSpec) -> None:
     import tvm
 
+    kwargs = {}
+    if spec.device == "cuda":
+        from .kernels.gpu import pack_imports_precompiled
+
+        kwargs["fpack_imports"] = pack_imports_precompiled(executable, spec.target["arch"])
     if spec.cross_compiler:
         if shutil.which(spec.cross_compiler) is None:
             raise QSO3Error(f"target {spec.name} needs the cross compiler {spec.cross_compiler} "
                             "(Debian: apt-get install g++-aarch64-linux-gnu)")
-        executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(spec.cross_compiler))
+        executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(spec.cross_compiler), **kwargs)
     else:
-        executable.export_library(str(path))
+        executable.export_library(str(path), **kwargs)
 
 
 def reference(model) -> dict:

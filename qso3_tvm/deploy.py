@@ -75,22 +75,38 @@ def check_compatible(manifest: dict, info: dict) -> None:
                             f"{info.get('label')} lacks (e.g. +dotprod needs asimddp): compile for a matching target")
 
 
+def cuda_device(session, manifest: dict, info: dict):
+    """The board's GPU, checked against the artifact's CUDA arch (its fatbin runs on that arch or newer)."""
+    label = info.get("label")
+    if info.get("cuda_runtime", "loaded") != "loaded":
+        raise QSO3Error(f"board {label} cannot run CUDA artifacts: its CUDA runtime is {info['cuda_runtime']!r} "
+                        "(the firmware needs lib/libtvm_runtime_cuda.so, the NVIDIA driver and libcudart.so.13)")
+    dev = session.cuda(0)
+    if not dev.exist:
+        raise QSO3Error(f"board {label} has no CUDA device, and artifact {manifest['target']['name']} needs one")
+    need = manifest["target"]["tvm"]["arch"].removeprefix("sm_")
+    have = dev.compute_version.replace(".", "")
+    if int(have) < int(need):
+        raise QSO3Error(f"artifact {manifest['target']['name']} is built for sm_{need}; the board's GPU "
+                        f"({dev.device_name}) is sm_{have}: compile for a matching target")
+    return dev
+
+
 class RemoteModel(CompiledModel):
     """A compiled artifact uploaded to a board and run there."""
 
     def __init__(self, session, path: str | Path, info: dict | None = None):
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # runtime-only TVM installs have no tvm.relax
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.session, self.board = session, info or board_info(session)
         check_compatible(self.manifest, self.board)
-        if self.manifest["target"]["device"] != "cpu":
-            raise QSO3Error("remote CUDA artifacts are not supported yet: the board runtime cannot compile CUDA source")
+        self.device = cuda_device(session, self.manifest, self.board) if self.manifest["target"]["device"] == "cuda" \
+            else session.cpu()
         session.upload(str(self.path / self.manifest["library"]))
         lib = session.load_module(self.manifest["library"])
-        self.device = session.cpu()
-        self.vm = relax.VirtualMachine(lib, self.device)
+        self.vm = VirtualMachine(lib, self.device)
         self._getitem = session.get_function("ffi.ArrayGetItem")  # tuples do not cross RPC: index remotely
 
     def call(self, args):

@@ -70,6 +70,11 @@ def _index_put(node, imp):
     return _scatter_rows(imp, imp.env[node.args[0]], imp.env[indices[0]], imp.env[node.args[2]], reduction)
 
 
+def _static_int(x):
+    """The value of a size that is a compile-time constant, else None."""
+    return int(x) if isinstance(x, int) or type(x).__name__ == "IntImm" else None
+
+
 def _slice_scatter(node, imp):
     bb = imp.block_builder
     data, src = imp.env[node.args[0]], imp.env[node.args[1]]
@@ -77,11 +82,14 @@ def _slice_scatter(node, imp):
     start, step = _arg(node, 3, "start", None) or 0, _arg(node, 5, "step", 1)
     if step != 1:
         raise NotImplementedError("slice_scatter is converted for step=1 only")
-    stop = start + imp.shape_of(src)[dim]
-    parts = [src, bb.emit(relax.op.strided_slice(data, axes=[dim], begin=[stop], end=[imp.shape_of(data)[dim]]))]
+    stop, size = start + imp.shape_of(src)[dim], imp.shape_of(data)[dim]
+    # empty head/tail slices are left out: a zero-extent kernel breaks the GPU schedules
+    parts = [src]
+    if _static_int(stop) is None or _static_int(stop) != _static_int(size):
+        parts.append(bb.emit(relax.op.strided_slice(data, axes=[dim], begin=[stop], end=[size])))
     if not (isinstance(start, int) and start == 0):
         parts.insert(0, bb.emit(relax.op.strided_slice(data, axes=[dim], begin=[0], end=[start])))
-    return bb.emit(relax.op.concat(parts, axis=dim))
+    return parts[0] if len(parts) == 1 else bb.emit(relax.op.concat(parts, axis=dim))
 
 
 def _int_mm(node, imp):

@@ -56,13 +56,13 @@ class CompiledModel:
 
     def __init__(self, path: str | Path, device: str = "cpu"):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # runtime-only TVM installs have no tvm.relax
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         lib = tvm.runtime.load_module(str(self.path / self.manifest["library"]))
         self.device = tvm.cuda() if device == "cuda" else tvm.cpu()
-        self.vm = relax.VirtualMachine(lib, self.device)
+        self.vm = VirtualMachine(lib, self.device)
 
     @property
     def species(self) -> tuple[int, ...]:

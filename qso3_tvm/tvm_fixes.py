@@ -5,6 +5,9 @@ that shows the bug (so we notice when an upgrade fixes it).
    int32x16 operands to `llvm.x86.avx512.vpdpbusd.512`; the bundled LLVM (22) declares that
    intrinsic on <64 x i8> operands, so every build that tensorizes with it fails. We register the
    same description with an implementation that reinterprets the operands as u8x64 / i8x64.
+2. dlight's `gpu.GEMV` rule raises AssertionError on some of the model's fused reductions instead of
+   declining them (returning None), which aborts TVM's whole CUDA pipeline. `apply_gpu_rule` treats
+   a rule that asserts as a rule that does not apply; the next rule schedules the kernel.
 """
 
 from __future__ import annotations
@@ -40,3 +43,11 @@ def register_vnni_intrin() -> str:
 
     TensorIntrin.register(VNNI_INTRIN, dot_product_16x4_u8i8i32_desc, impl)
     return VNNI_INTRIN
+
+
+def apply_gpu_rule(rule, func, target):
+    """A dlight GPU rule's schedule for `func`, or None if it does not apply (or asserts, see 2.)."""
+    try:
+        return rule.apply(func, target, False)
+    except AssertionError:
+        return None

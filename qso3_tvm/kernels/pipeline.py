@@ -5,7 +5,8 @@
       -> [MetaSchedule database]   qso3_tvm.tune, tuned builds only
       -> legalize, fuse            TVM's CPU pipeline
       -> default CPU schedules     every fused kernel nobody scheduled (qso3_tvm.kernels.schedule)
-      -> lower, build
+         or GPU schedules          dlight's rules, tolerant of rules that raise (qso3_tvm.kernels.gpu)
+      -> lower, build              CUDA device code compiled to a fatbin at export (kernels.gpu)
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def kernel_summary(target) -> dict:
                      if cpu else "generic operators",
         "forces": "float backward with straight-through semantics (equals the QAT model's autograd forces)",
         "schedules": "default CPU rule (qso3_tvm.kernels.schedule) for unscheduled fused kernels"
-                     if target.kind.name == "llvm" else "TVM default",
+                     if cpu else "dlight GPU rules (qso3_tvm.kernels.gpu)",
+        **({"device_code": f"fatbin for {target.arch} + PTX, compiled at export with nvcc (no compiler on the board)"}
+           if target.kind.name == "cuda" else {}),
     }
 
 
@@ -43,6 +46,10 @@ def relax_pipeline(target):
     """TVM's default pipeline for the target, plus our default CPU schedules after fusion."""
     import tvm
 
+    if target.kind.name == "cuda":
+        from .gpu import gpu_pipeline
+
+        return gpu_pipeline(target)
     if target.kind.name != "llvm":
         return "default"
     from tvm.relax.backend.cpu_generic import pipeline as cpu
