@@ -17,7 +17,7 @@ elif [ "$ARCH" = aarch64 ]; then
   OUT=build/aarch64
   CXX=${CXX:-aarch64-linux-gnu-g++}
   WHEELS=build/wheels-aarch64
-  if [ ! -d "$WHEELS/tvm" ] || [ ! -d "$WHEELS/tvm_ffi" ]; then
+  if [ ! -f "$WHEELS/tvm/lib/libtvm_runtime_cuda.so" ] || [ ! -d "$WHEELS/tvm_ffi" ]; then
     mkdir -p "$WHEELS"
     python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
       --python-version 3.11 -d "$WHEELS" "apache-tvm==$TVM_VERSION" "apache-tvm-ffi==$FFI_VERSION"

@@ -102,8 +102,10 @@ class RemoteModel(CompiledModel):
         self.manifest = read_manifest(self.path)
         self.session, self.board = session, info or board_info(session)
         check_compatible(self.manifest, self.board)
-        self.device = cuda_device(session, self.manifest, self.board) if self.manifest["target"]["device"] == "cuda" \
-            else session.cpu()
+        cuda = self.manifest["target"]["device"] == "cuda"
+        self.device = cuda_device(session, self.manifest, self.board) if cuda else session.cpu()
+        self.device_label = (f"cuda ({self.device.device_name}, sm_{self.device.compute_version.replace('.', '')})"
+                             if cuda else "cpu")
         session.upload(str(self.path / self.manifest["library"]))
         lib = session.load_module(self.manifest["library"])
         self.vm = VirtualMachine(lib, self.device)
@@ -132,6 +134,8 @@ def profile(artifact: str | Path, rpc: str | None = None, tracker: str | None = 
     info = board_info(session)
     log(f"board {info.get('label')} ({info.get('machine')}) via {rpc or tracker}")
     remote = RemoteModel(session, artifact, info)
+    if remote.device_label != "cpu":
+        log(f"device {remote.device_label}")
     mols, samples = sample_set(remote.species)
     try:
         energies, forces = remote.predict(mols)
@@ -147,7 +151,7 @@ def profile(artifact: str | Path, rpc: str | None = None, tracker: str | None = 
     verified = errors["max_energy_error_mev"] <= tol_e and errors["max_force_error_mev_per_a"] <= tol_f
     emulated = str(info.get("label", "")).startswith("emulated")
     result = {"artifact": str(artifact), "model": manifest["model"], "target": manifest["target"]["name"],
-              "board": info, "emulated": emulated, "verified": verified, "errors_vs_reference": errors,
+              "board": info, "device": remote.device_label, "emulated": emulated, "verified": verified, "errors_vs_reference": errors,
               "tolerance_mev": [tol_e, tol_f], "energies_ev": energies.tolist(), "samples": samples,
               "timing_ms": timing, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if report_dir is not None:
@@ -160,12 +164,13 @@ def profile(artifact: str | Path, rpc: str | None = None, tracker: str | None = 
 def write_report(result: dict, report_dir: Path) -> str:
     report_dir.mkdir(parents=True, exist_ok=True)
     model = Path(result["model"]["checkpoint"]).stem
-    stem = f"{time.strftime('%Y-%m-%d')}_{model}_{result['board'].get('label')}"
+    on_gpu = result["device"].startswith("cuda")
+    stem = f"{time.strftime('%Y-%m-%d')}_{model}_{result['board'].get('label')}{'_cuda' if on_gpu else ''}"
     t1, ta = result["timing_ms"]["one_molecule"], result["timing_ms"]["all_samples"]
     speed_note = ("**Emulated board (qemu-user): these timings measure emulation, not board speed.**"
                   if result["emulated"] else "Timings from the board's own time evaluator.")
     md = "\n".join([
-        f"# {model} on {result['board'].get('label')}", "",
+        f"# {model} on {result['board'].get('label')}{' ' + result['device'] if on_gpu else ''}", "",
         f"Artifact `{result['artifact']}` (target {result['target']}, {result['model']['precision']}).",
         f"Verified against the compile-time reference: {result['verified']} "
         f"(max |dE| {result['errors_vs_reference']['max_energy_error_mev']:.4f} meV, "

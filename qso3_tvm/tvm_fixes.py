@@ -1,5 +1,5 @@
-"""Workarounds for Apache TVM 0.27 bugs, in one place. Each has a test in tests/test_kernels.py
-that shows the bug (so we notice when an upgrade fixes it).
+"""Workarounds for Apache TVM 0.27 bugs, in one place. Each has a test that shows the bug (so we
+notice when an upgrade fixes it): 1. tests/test_kernels.py, 2. tests/test_cuda.py.
 
 1. The stock x86 VNNI tensor intrinsic (`dot_16x4_vnni`, tvm.s_tir.tensor_intrin.x86) passes
    int32x16 operands to `llvm.x86.avx512.vpdpbusd.512`; the bundled LLVM (22) declares that

@@ -31,19 +31,38 @@ def gpu_rules():
 
 def binds_threads(func) -> bool:
     """Whether a kernel already launches its own GPU threads (TOPI's GPU kernels do)."""
-    import tvm_ffi
     from tvm import tirx
 
+    return _walk(func, tirx.AttrStmt, lambda n: n.attr_key == "thread_extent")
+
+
+def _walk(func, node_type, pred) -> bool:
+    import tvm_ffi
+
     found = []
-    tvm_ffi.structural_walk(func.body, [(tirx.AttrStmt, lambda n: found.append(n.attr_key == "thread_extent"))],
-                            order="post")
+    tvm_ffi.structural_walk(func.body, [(node_type, lambda n: found.append(pred(n)))], order="post")
     return any(found)
 
 
+def drop_empty_loops(func):
+    """`func` without its zero-extent loops. Slices of length 0 (x[n:] with n = len(x)) appear in the
+    model's backward; a GPU schedule of such a loop launches one block of threads that read and
+    write out of bounds (seen as CUDA_ERROR_ILLEGAL_ADDRESS on an H100)."""
+    import tvm
+    from tvm import tirx
+
+    if not _walk(func, tirx.For, lambda n: isinstance(n.extent, tirx.IntImm) and n.extent.value == 0):
+        return func
+    return tirx.transform.RemoveNoOp()(tvm.IRModule({"main": func}))["main"]
+
+
 def schedule_gpu_func(func, target):
-    """`func` as it is if it binds its own threads, else the first dlight rule's schedule that does
-    not fail; None if no rule applies."""
-    if binds_threads(func):
+    """`func` as it is if it binds its own threads or does nothing, else the first dlight rule's
+    schedule that does not fail; None if no rule applies."""
+    from tvm import tirx
+
+    func = drop_empty_loops(func)
+    if binds_threads(func) or not _walk(func, tirx.BufferStore, lambda n: True):
         return func.with_attr("tirx.is_scheduled", True)
     from ..tvm_fixes import apply_gpu_rule
 
