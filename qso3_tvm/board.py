@@ -135,21 +135,46 @@ def start_board(cpu: str | None = None, port: int = 9090, host: str = "127.0.0.1
     return Board(proc=proc, host=host, port=port, key=key, label=label, work_dir=None if work_dir else work)
 
 
-def start_tracker(port: int = 9190, host: str = "127.0.0.1") -> subprocess.Popen:
-    """TVM's own RPC tracker (python -m tvm.exec.rpc_tracker) as a child process."""
+@dataclass
+class Tracker:
+    """TVM's RPC tracker running as a child process group (its server lives in a worker process of
+    its own: stopping only the parent would leave that worker behind)."""
+    proc: subprocess.Popen
+
+    def stop(self) -> None:
+        try:  # the group, even when the parent has exited: the worker may still run
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_tracker(port: int = 9190, host: str = "127.0.0.1") -> Tracker:
+    """TVM's own RPC tracker (python -m tvm.exec.rpc_tracker) as a child process group."""
     import sys
 
     proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
                              "--port-end", str(port + 1)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    tracker, deadline = Tracker(proc), time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
+            tracker.stop()
             raise QSO3Error(f"RPC tracker exited: {proc.stdout.read()[-300:]}")
         try:
             socket.create_connection((host, port), timeout=0.5).close()
-            return proc
+            return tracker
         except OSError:
             time.sleep(0.3)
-    proc.kill()
+    tracker.stop()
     raise QSO3Error(f"RPC tracker did not start on {host}:{port}")

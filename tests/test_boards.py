@@ -101,8 +101,7 @@ def test_tracker_two_boards_one_key(artifacts, tmp_path):
                 th.join(300)
             assert len(results) == 2 and all(r["verified"] for r in results)
     finally:
-        tracker.terminate()
-        tracker.wait(10)
+        tracker.stop()
 
 
 def test_env_tracker_settings(monkeypatch):

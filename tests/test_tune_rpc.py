@@ -42,8 +42,7 @@ def test_tuning_measures_on_two_emulated_boards_through_the_tracker(tmp_path):
                            rpc_key="pi5", rank="flops", log=lambda *_: None)
             assert wait_for_boards(tport, "pi5", 2)["free"] == 2  # both boards back in the pool
     finally:
-        tracker.terminate()
-        tracker.wait(10)
+        tracker.stop()
     records = [json.loads(line) for line in (tmp_path / "db" / RECORD_FILE).read_text().splitlines() if line.strip()]
     assert len(records) == 2 and len(summary["tasks"]) == 2
     assert all(t["after_us"] > 0 for t in summary["tasks"])  # measured on a board, not failed runs
