@@ -180,17 +180,35 @@ std::string g_cuda = "absent";  // CUDA runtime: "loaded", "absent" (no lib/libt
 // The CUDA device API and module loader live in libtvm_runtime_cuda.so (beside libtvm_runtime.so in
 // lib/). Loaded per session, after fork: CUDA must not be initialised in the parent. Artifacts carry
 // precompiled device code (fatbin), so no CUDA compiler is needed here, only the driver and libcudart.
-void LoadCudaRuntime() {
+std::string LoadCudaRuntime() {
   char exe[PATH_MAX] = {0};
-  if (readlink("/proc/self/exe", exe, sizeof(exe) - 1) <= 0) return;
+  if (readlink("/proc/self/exe", exe, sizeof(exe) - 1) <= 0) return "absent";
   std::string lib = std::string(exe).substr(0, std::string(exe).rfind('/')) + "/lib/libtvm_runtime_cuda.so";
-  if (access(lib.c_str(), R_OK) != 0) return;
-  if (dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL) != nullptr) {
-    g_cuda = "loaded";
-  } else {
-    g_cuda = std::string("error: ") + dlerror();
-    Log("CUDA runtime not loaded (CPU only): " + g_cuda);
+  if (access(lib.c_str(), R_OK) != 0) return "absent";
+  if (dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL) != nullptr) return "loaded";
+  return std::string("error: ") + dlerror();
+}
+
+// At start-up, in a throwaway child (the parent never loads CUDA): can sessions load the CUDA runtime?
+std::string ProbeCudaRuntime() {
+  int fds[2];
+  if (pipe(fds) != 0) return "absent";
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    std::string result = LoadCudaRuntime();
+    ssize_t ignored = write(fds[1], result.data(), result.size());
+    (void)ignored;
+    _exit(0);
   }
+  close(fds[1]);
+  std::string result;
+  char buf[512];
+  ssize_t n;
+  while ((n = read(fds[0], buf, sizeof(buf))) > 0) result.append(buf, static_cast<size_t>(n));
+  close(fds[0]);
+  waitpid(pid, nullptr, 0);
+  return result.empty() ? "absent" : result;
 }
 
 std::string BoardInfo() {
@@ -236,7 +254,7 @@ void RegisterServerFunctions(const std::string& work_dir) {
 [[noreturn]] void ServeSession(int conn, const std::string& work_dir, int timeout) {
   if (timeout > 0) alarm(static_cast<unsigned>(timeout));  // SIGALRM ends the session
   mkdir(work_dir.c_str(), 0700);
-  LoadCudaRuntime();
+  if (g_cuda == "loaded") g_cuda = LoadCudaRuntime();
   RegisterServerFunctions(work_dir);
   int one = 1;
   setsockopt(conn, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -292,6 +310,8 @@ int main(int argc, char** argv) {
   }
   g_label = opt.label;
   signal(SIGPIPE, SIG_IGN);
+  g_cuda = ProbeCudaRuntime();
+  if (g_cuda != "loaded" && g_cuda != "absent") Log("CUDA runtime not loadable, serving CPU only: " + g_cuda);
   int listen_fd = Listen(opt.host, opt.port);
   if (listen_fd < 0) {
     Log("cannot listen on " + opt.host + ":" + std::to_string(opt.port) + ": " + std::strerror(errno));
