@@ -46,10 +46,41 @@ def firmware_binary(arch: str) -> Path:
 
 
 @dataclass
-class Board:
-    """A running firmware server (a child process of this one)."""
+class ProcessGroup:
+    """A child started in a process group of its own (start_new_session): stopping it stops
+    everything it started (a server's session children, the tracker's worker process)."""
 
     proc: subprocess.Popen
+
+    def _signal_all(self, sig: int) -> None:
+        try:  # the group, even when the parent has exited: its children may still run
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """Pull the plug: the process and everything it started die at once."""
+        self._signal_all(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        self._signal_all(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class Board(ProcessGroup):
+    """A running firmware server (a child process of this one) and its session children."""
+
     host: str
     port: int
     key: str
@@ -63,32 +94,10 @@ class Board:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def _signal_all(self, sig: int) -> None:
-        """The server and its session children share a process group (start_new_session)."""
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def kill(self) -> None:
-        """Pull the plug: the server and any running session die at once."""
-        self._signal_all(signal.SIGKILL)
-        self.proc.wait()
-
     def stop(self) -> None:
-        self._signal_all(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        super().stop()
         if self.work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    def __enter__(self) -> "Board":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _wait_listening(proc: subprocess.Popen, what: str, timeout: float = 60.0) -> str:
@@ -135,28 +144,9 @@ def start_board(cpu: str | None = None, port: int = 9090, host: str = "127.0.0.1
     return Board(proc=proc, host=host, port=port, key=key, label=label, work_dir=None if work_dir else work)
 
 
-@dataclass
-class Tracker:
-    """TVM's RPC tracker running as a child process group (its server lives in a worker process of
-    its own: stopping only the parent would leave that worker behind)."""
-    proc: subprocess.Popen
-
-    def stop(self) -> None:
-        try:  # the group, even when the parent has exited: the worker may still run
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def __enter__(self) -> "Tracker":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+class Tracker(ProcessGroup):
+    """TVM's RPC tracker: its server runs in a worker process of its own, which stopping only the
+    parent would leave behind."""
 
 
 def start_tracker(port: int = 9190, host: str = "127.0.0.1") -> Tracker:

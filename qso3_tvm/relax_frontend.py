@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch._decomp import core_aten_decompositions
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.frontend.torch import from_exported_program
 
 from .errors import QSO3Error
@@ -72,7 +72,7 @@ def _index_put(node, imp):
 
 def _static_int(x):
     """The value of a size that is a compile-time constant, else None."""
-    return int(x) if isinstance(x, int) or type(x).__name__ == "IntImm" else None
+    return int(x) if isinstance(x, (int, tirx.IntImm)) else None
 
 
 def _slice_scatter(node, imp):

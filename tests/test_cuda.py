@@ -25,17 +25,15 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 def fused_gpu_module():
     """The tiny model's energy+forces graph for cuda-sm90, legalized and fused (before scheduling)."""
     import tvm
-    from tvm import relax
 
     from qso3_tvm.export import export_energy_forces
-    from qso3_tvm.kernels.gpu import GPU_LEGALIZE
+    from qso3_tvm.kernels.gpu import gpu_fuse_passes
     from qso3_tvm.relax_frontend import import_to_relax
 
     target = resolve_target("cuda-sm90").tvm_target()
     mod = import_to_relax(export_energy_forces(deployable(tiny_model(torch.float32))))
     with target:
-        mod = tvm.transform.Sequential([relax.transform.LegalizeOps(GPU_LEGALIZE), relax.transform.AnnotateTIROpPattern(),
-                                        relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+        mod = tvm.transform.Sequential(gpu_fuse_passes())(mod)
     return mod, target
 
 

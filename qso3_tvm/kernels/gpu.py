@@ -107,29 +107,23 @@ def _scatter_elements_gpu(bb, call):
 GPU_LEGALIZE = {"relax.scatter_elements": _scatter_elements_gpu}
 
 
-def gpu_pipeline(target):
-    """TVM's CUDA pipeline with `default_gpu_schedule` in place of its dlight step."""
-    import tvm
+def gpu_fuse_passes():
+    """Legalize (with GPU_LEGALIZE) and fuse, as TVM's CUDA pipeline does before its dlight step."""
     from tvm import relax
-    from tvm.relax.backend.cuda import pipeline as cuda
 
-    @tvm.transform.module_pass(opt_level=0, name="QSO3GPUPipeline")
-    def _pipeline(mod, _ctx):
-        with target:
-            legalize = [relax.transform.LegalizeOps(GPU_LEGALIZE), relax.transform.AnnotateTIROpPattern(),
-                        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
-                        default_gpu_schedule(target)]
-            seq = (cuda.library_dispatch_passes(target) + legalize + cuda.dataflow_lower_passes(target)
-                   + cuda.finalize_passes(target))
-            return tvm.transform.Sequential(seq)(mod)
+    return [relax.transform.LegalizeOps(GPU_LEGALIZE), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
-    return _pipeline
+
+def gpu_legalize_passes(target):
+    """TVM's CUDA legalize step with `default_gpu_schedule` in place of its dlight step."""
+    return gpu_fuse_passes() + [default_gpu_schedule(target)]
 
 
 # ---- device code ahead of time -------------------------------------------------------------------
 
 def nvcc_path() -> str:
-    nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+    nvcc = shutil.which("nvcc") or shutil.which("nvcc", path="/usr/local/cuda/bin")
     if nvcc is None:
         raise QSO3Error("CUDA targets need nvcc to compile device code ahead of time (install the CUDA "
                         "toolkit, or `pip install nvidia-cuda-nvcc` and put its bin/ on PATH)")

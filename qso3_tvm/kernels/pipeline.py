@@ -42,26 +42,33 @@ def kernel_summary(target) -> dict:
     }
 
 
-def relax_pipeline(target):
-    """TVM's default pipeline for the target, plus our default CPU schedules after fusion."""
+def backend_pipeline(target, backend, legalize):
+    """TVM's pipeline of a backend module (tvm.relax.backend.<cpu_generic|cuda>.pipeline) with
+    `legalize(target)` (legalize, fuse, schedule passes) in place of its own legalize step."""
     import tvm
 
-    if target.kind.name == "cuda":
-        from .gpu import gpu_pipeline
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = (backend.library_dispatch_passes(target) + legalize(target) + backend.dataflow_lower_passes(target)
+                   + backend.finalize_passes(target))
+            return tvm.transform.Sequential(seq)(mod)
 
-        return gpu_pipeline(target)
+    return _pipeline
+
+
+def relax_pipeline(target):
+    """TVM's default pipeline for the target, with our default CPU or GPU schedules after fusion."""
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as cuda
+
+        from .gpu import gpu_legalize_passes
+
+        return backend_pipeline(target, cuda, gpu_legalize_passes)
     if target.kind.name != "llvm":
         return "default"
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from .schedule import default_cpu_schedule
 
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod, _ctx):
-        with target:
-            seq = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [default_cpu_schedule(target)]
-                   + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
-            return tvm.transform.Sequential(seq)(mod)
-
-    return _pipeline
-
+    return backend_pipeline(target, cpu, lambda t: cpu.legalize_passes(t) + [default_cpu_schedule(t)])
