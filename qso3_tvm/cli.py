@@ -10,7 +10,10 @@ from typing import Optional
 
 import typer
 
+from .apps.bench.routes import DEFAULT_ROUTES
+from .apps.bench.routes import ROUTES as BENCH_ROUTES
 from .errors import QSO3Error
+from .runtime import DEFAULT_KEY
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Quantized SO(3)-equivariant force fields: train, quantize, compile with TVM, deploy.")
@@ -54,8 +57,9 @@ def train(
     resume: bool = typer.Option(True, help="continue from OUT/last.pt if present"),
 ):
     """Train an fp32 model on energies and forces."""
-    from .model import ModelConfig
-    from .train import TrainConfig, train as run
+    from .nn.model import ModelConfig
+    from .nn.train import TrainConfig
+    from .nn.train import train as run
 
     if attention not in ("l2norm", "dot"):
         raise QSO3Error(f"--attention must be 'l2norm' or 'dot', not {attention!r}")
@@ -94,8 +98,8 @@ def quantize(
     resume: bool = typer.Option(True, help="continue from OUT/last.pt if present"),
 ):
     """Quantization-aware training (MDDQ, branch-separated, staged) from an fp32 checkpoint."""
-    from .quant import QuantConfig
-    from .train import TrainConfig, train_qat
+    from .nn.quant import QuantConfig
+    from .nn.train import TrainConfig, train_qat
 
     if vector not in ("mddq", "naive", "none") or direction_grid not in ("cube", "sphere") or w_bits not in (4, 8):
         raise QSO3Error("--vector must be mddq|naive|none, --direction-grid cube|sphere, --w-bits 4|8")
@@ -118,7 +122,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Energy MAE (meV), force MAE (meV/Å) and LEE (meV/Å) on a dataset."""
-    from .api import evaluate as run
+    from .apps.evaluate import evaluate as run
 
     result = run(model, data, lee_frames=lee_frames, max_frames=max_frames)
     if as_json:
@@ -143,7 +147,7 @@ def compile_cmd(
                                          "(ethanol, qm9-32); default with --tuning-records: the database's first"),
 ):
     """Compile energy+forces for a target: shared library + manifest.json, checked against PyTorch."""
-    from .compile import compile_model
+    from .compiler.compile import compile_model
 
     info = compile_model(model, target, out, check=check, log=typer.echo, bucket=bucket, tuning_records=tuning_records)
     typer.echo(f"wrote {out}/{info['library']} ({info['target']['name']}, {info['model']['precision']})")
@@ -164,7 +168,7 @@ def tune(
     rpc_key: Optional[str] = typer.Option(None, "--rpc-key"),
 ):
     """Auto-tune the model's kernels with MetaSchedule (static size buckets); a re-run resumes."""
-    from .tune import tune as run
+    from .compiler.tuning.tune import tune as run
 
     summary = run(model, target, trials, work_dir=work_dir, buckets=bucket or None, rpc_tracker=rpc_tracker,
                   rpc_key=rpc_key, trials_per_task=trials_per_task, log=typer.echo)
@@ -176,7 +180,7 @@ def tune(
 @user_errors
 def targets():
     """List target presets and what they resolve to."""
-    from .targets import presets
+    from .compiler.targets import presets
 
     seen = set()
     for name, spec in presets().items():
@@ -209,12 +213,12 @@ def board_emulate(
     cpu: str = typer.Option("cortex-a76", help="qemu CPU: cortex-a53, cortex-a72 (Pi 4), cortex-a76 (Pi 5), neoverse-n1, max"),
     port: int = typer.Option(9090),
     host: str = typer.Option("127.0.0.1"),
-    key: str = typer.Option("qso3", "--key", "--rpc-key"),
+    key: str = typer.Option(DEFAULT_KEY, "--key", "--rpc-key", help="RPC key clients must send"),
     tracker: Optional[str] = typer.Option(None, "--tracker", "--rpc-tracker", help="register with this tracker HOST:PORT"),
     timeout: int = typer.Option(0, help="session timeout in seconds (0: none)"),
 ):
     """An emulated arm64 board: the firmware RPC server under qemu-aarch64."""
-    from .board import start_board
+    from .boards.firmware import start_board
 
     _serve(start_board(cpu=cpu, port=port, host=host, key=key, tracker=tracker, timeout=timeout))
 
@@ -224,12 +228,12 @@ def board_emulate(
 def board_native(
     port: int = typer.Option(9090),
     host: str = typer.Option("127.0.0.1"),
-    key: str = typer.Option("qso3", "--key", "--rpc-key"),
+    key: str = typer.Option(DEFAULT_KEY, "--key", "--rpc-key", help="RPC key clients must send"),
     tracker: Optional[str] = typer.Option(None, "--tracker", "--rpc-tracker"),
     timeout: int = typer.Option(0),
 ):
     """This machine as a board: the firmware RPC server built natively."""
-    from .board import start_board
+    from .boards.firmware import start_board
 
     _serve(start_board(cpu=None, port=port, host=host, key=key, tracker=tracker, timeout=timeout))
 
@@ -239,13 +243,13 @@ def board_native(
 def board_provision(
     serial: str = typer.Option(..., "--serial", help="console: /dev/ttyUSB0, a pty, socket://host:port"),
     port: int = typer.Option(9090),
-    key: str = typer.Option("qso3", "--key", "--rpc-key"),
+    key: str = typer.Option(DEFAULT_KEY, "--key", "--rpc-key", help="RPC key clients must send"),
     tracker: Optional[str] = typer.Option(None, "--tracker", "--rpc-tracker"),
     server: str = typer.Option("/opt/qso3/qso3-rpc-server", help="server path on the board"),
     timeout: float = typer.Option(60.0),
 ):
     """Start the RPC server on a board over its serial console and print where it listens."""
-    from .serial_console import provision
+    from .boards.serial_console import provision
 
     host, port = provision(serial, port=port, key=key, tracker=tracker, server=server, timeout=timeout, log=typer.echo)
     typer.echo(f"board RPC server at {host}:{port} key={key}")
@@ -267,14 +271,14 @@ def profile(
     artifact: Path = typer.Argument(..., help="compiled artifact directory"),
     rpc: Optional[str] = typer.Option(None, "--rpc", help="board HOST:PORT (direct)"),
     rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="tracker HOST:PORT (else TVM_TRACKER_HOST/PORT)"),
-    rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="board key (else TVM_TRACKER_KEY)"),
+    rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help=f"board key (else TVM_TRACKER_KEY, else {DEFAULT_KEY!r} for --rpc)"),
     repeat: int = typer.Option(10),
     number: int = typer.Option(1),
     report_dir: Path = typer.Option(Path("reports"), help="where the .json/.md report goes"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Upload an artifact to a board, verify energies/forces against the compile-time reference, time it."""
-    from .deploy import profile as run
+    from .boards.profile import profile as run
 
     result = run(artifact, rpc=rpc, tracker=rpc_tracker, key=rpc_key, repeat=repeat, number=number,
                  report_dir=report_dir, log=(lambda *_: None) if as_json else typer.echo)
@@ -300,7 +304,7 @@ def demo(
     repeat: int = typer.Option(5),
 ):
     """Main job on built-in defaults: compile -> emulated arm64 board over RPC -> verified profile."""
-    from .api import demo as run
+    from .apps.demo import demo as run
 
     result = run(model, target=target, cpu=cpu, out=out, repeat=repeat, log=typer.echo)
     err = result["errors_vs_reference"]
@@ -336,7 +340,7 @@ def md(
 ):
     """Molecular dynamics (NVE or Langevin) with stability checks and energy-drift summary."""
     try:
-        from .md import MDConfig, run
+        from .apps.md import MDConfig, run
     except ImportError as e:
         raise QSO3Error(f"md needs ASE: pip install 'qso3-tvm[ase]' ({e})") from None
 
@@ -353,7 +357,7 @@ def md(
 @user_errors
 def models():
     """List the bundled models."""
-    from .checkpoint import BUNDLED, load_payload
+    from .nn.checkpoint import BUNDLED, load_payload
 
     for name in BUNDLED:
         meta = load_payload(name).get("meta", {})
@@ -365,9 +369,7 @@ def models():
 def bench(
     model_fp32: str = typer.Option("ethanol-fp32", help="fp32 checkpoint (eager, torch.compile, ONNX, TVM fp32)"),
     model_int8: str = typer.Option("ethanol-int8", help="int8 QAT checkpoint (TVM int8 routes)"),
-    routes: str = typer.Option("eager-fp32,compile-fp32,ort-fp32,ort-int8,tvm-fp32,tvm-int8,tvm-int8-tuned",
-                               help="comma-separated: eager-fp32, eager-int8, compile-fp32, ort-fp32, ort-int8, "
-                                    "tvm-fp32, tvm-int8, tvm-int8-tuned"),
+    routes: str = typer.Option(",".join(DEFAULT_ROUTES), help="comma-separated: " + ", ".join(BENCH_ROUTES)),
     workloads: str = typer.Option("ethanol-b1,aspirin-b1,qm9-b32", help="ethanol-b1, aspirin-b1, qm9-bN"),
     modes: str = typer.Option("E,E+F", help="E (energy only), E+F (energy and forces)"),
     threads: str = typer.Option("1,2", help="thread counts, one set of route processes each"),
@@ -386,7 +388,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
 ):
     """Time every inference route side by side (own process each, alternating rounds); write reports/bench.md."""
-    from .bench import BenchConfig, run_bench
+    from .apps.bench.run import BenchConfig, run_bench
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     try:

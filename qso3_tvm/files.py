@@ -1,8 +1,9 @@
-"""Atomic file writes: a failure or an interrupt never leaves a half-written file (no torch import)."""
+"""Files: atomic writes (a failure or an interrupt never leaves a half-written file) and checksums."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -23,3 +24,11 @@ def atomic_path(path: str | Path):
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -9,10 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qso3_tvm import bench
-from qso3_tvm.checkpoint import save_model
+from qso3_tvm.apps.bench import run as bench
+from qso3_tvm.apps.bench import stats as bench_stats
 from qso3_tvm.cli import app
-from qso3_tvm.testing import tiny_model
+from qso3_tvm.nn.checkpoint import save_model
+from qso3_tvm.nn.testing import tiny_model
 
 runner = CliRunner()
 ROUTES = ["eager-fp32", "eager-int8", "tvm-int8-tuned"]
@@ -63,26 +64,27 @@ def test_bench_rejects_bad_input(tmp_path):
 
 def test_mac_count_matches_torch_counter():
     """The analytic Linear MACs equal torch's FlopCounterMode count on the bundled model."""
-    from qso3_tvm.checkpoint import load_payload
-    from qso3_tvm.data import MoleculeSet, make_batch
+    from qso3_tvm.graph.molecules import MoleculeSet
+    from qso3_tvm.nn.batch import make_batch
+    from qso3_tvm.nn.checkpoint import load_payload
 
     mols, _ = bench.workload_molecules("aspirin-b1", (1, 6, 7, 8, 9))
     b = make_batch(MoleculeSet.from_molecules(mols), [0], (1, 6, 7, 8, 9), 5.0)
-    macs = bench.mac_count(load_payload("ethanol-fp32")["config"], len(b.species), len(b.src))
-    counted = bench.counted_linear_macs("ethanol-fp32", mols)
+    macs = bench_stats.mac_count(load_payload("ethanol-fp32")["config"], len(b.species), len(b.src))
+    counted = bench_stats.counted_linear_macs("ethanol-fp32", mols)
     assert counted["forward"] == macs["forward_linear"]
     # forces need input gradients only: one product per Linear in the backward
     assert counted["energy_forces"] == pytest.approx(2 * macs["forward_linear"], rel=0.02)
 
 
 def test_stats_and_paired_speedup():
-    s = bench.stats([[1e-3, 2e-3], [3e-3]])
+    s = bench_stats.stats([[1e-3, 2e-3], [3e-3]])
     assert s["median_ms"] == pytest.approx(2.0) and s["n"] == 3 and s["rounds"] == 2
-    sp = bench.paired_speedup([[4e-3], [2e-3]], [[1e-3], [2e-3]])
+    sp = bench_stats.paired_speedup([[4e-3], [2e-3]], [[1e-3], [2e-3]])
     assert sp["median"] == pytest.approx(2.5) and sp["min"] == pytest.approx(1.0) and sp["max"] == pytest.approx(4.0)
-    pk = bench.peaks({"mhz": 2000.0, "flags": ["avx512f", "avx512_vnni"]}, 2)
+    pk = bench_stats.peaks({"mhz": 2000.0, "flags": ["avx512f", "avx512_vnni"]}, 2)
     assert pk["fp32_gmac_s"] == pytest.approx(128.0) and pk["int8_gmac_s"] == pytest.approx(512.0)
     m = {"forward_linear": 128e6, "forward_elementwise": 0}
-    assert bench.floor_ms(m, "E", False, pk) == pytest.approx(1.0)
-    assert bench.floor_ms(m, "E+F", True, pk) == pytest.approx(0.5)
-    assert np.isfinite(bench.mac_count({"channels": 8, "layers": 1, "n_rbf": 4}, 3, 6)["edge_share"])
+    assert bench_stats.floor_ms(m, "E", False, pk) == pytest.approx(1.0)
+    assert bench_stats.floor_ms(m, "E+F", True, pk) == pytest.approx(0.5)
+    assert np.isfinite(bench_stats.mac_count({"channels": 8, "layers": 1, "n_rbf": 4}, 3, 6)["edge_share"])

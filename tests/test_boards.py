@@ -8,12 +8,13 @@ import pytest
 import torch
 from tvm import rpc
 
-from qso3_tvm.board import free_port, start_board, start_tracker
-from qso3_tvm.checkpoint import save_model
-from qso3_tvm.compile import compile_model
-from qso3_tvm.deploy import RemoteModel, connect, profile
+from qso3_tvm.boards.firmware import free_port, start_board, start_tracker
+from qso3_tvm.boards.profile import profile
+from qso3_tvm.compiler.compile import compile_model
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.testing import ENERGY_SHIFT_EV, save_tiny_model, tiny_model
+from qso3_tvm.nn.checkpoint import save_model
+from qso3_tvm.nn.testing import ENERGY_SHIFT_EV, save_tiny_model, tiny_model
+from qso3_tvm.runtime.remote import RemoteModel, connect
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-aarch64") is None or shutil.which("aarch64-linux-gnu-g++") is None,
@@ -144,8 +145,9 @@ def test_board_killed_mid_run_gives_clear_error_and_no_report(artifacts, tmp_pat
 def test_int8_sdot_artifact_runs_on_emulated_pi5(tmp_path):
     """The quantized model's arm64 build (int8 GEMMs on `sdot`, MDDQ and attention TIR kernels) gives
     PyTorch's energies and forces on an emulated Cortex-A76."""
-    from qso3_tvm.quant import QuantConfig, quantize_model
-    from qso3_tvm.testing import model_energy_forces, random_molecule
+    from qso3_tvm.graph.molecules import random_molecule
+    from qso3_tvm.nn.quant import QuantConfig, quantize_model
+    from qso3_tvm.nn.testing import model_energy_forces
 
     model = quantize_model(tiny_model(torch.float32, seed=4, energy_shift=ENERGY_SHIFT_EV), QuantConfig())
     model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate

@@ -7,9 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qso3_tvm.checkpoint import load_model, save_model
 from qso3_tvm.cli import app
-from qso3_tvm.testing import model_energy_forces, random_molecule, tiny_model
+from qso3_tvm.graph.molecules import random_molecule
+from qso3_tvm.nn.checkpoint import load_model, save_model
+from qso3_tvm.nn.testing import model_energy_forces, tiny_model
 
 runner = CliRunner()
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qso3_tvm import compile as qcompile
-from qso3_tvm.checkpoint import save_model
 from qso3_tvm.cli import app
+from qso3_tvm.compiler import compile as qcompile
+from qso3_tvm.compiler.targets import resolve_target
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.quant import QuantConfig, quantize_model
-from qso3_tvm.targets import resolve_target
-from qso3_tvm.testing import ENERGY_SHIFT_EV, model_energy_forces, random_molecule, save_tiny_model, tiny_model
+from qso3_tvm.files import sha256
+from qso3_tvm.graph.molecules import random_molecule
+from qso3_tvm.nn.checkpoint import save_model
+from qso3_tvm.nn.quant import QuantConfig, quantize_model
+from qso3_tvm.nn.testing import ENERGY_SHIFT_EV, model_energy_forces, save_tiny_model, tiny_model
 
 runner = CliRunner()
 
@@ -39,7 +41,7 @@ def x86_artifact(tiny_ckpt, tmp_path_factory):
 def test_x86_artifact_manifest_and_parity(x86_artifact, tiny_ckpt):
     m = json.loads((x86_artifact / "manifest.json").read_text())
     assert m["model"]["species"] == [1, 6, 7, 8, 9] and m["model"]["energy_shift"] == ENERGY_SHIFT_EV
-    assert m["library_sha256"] == qcompile.sha256(x86_artifact / m["library"])
+    assert m["library_sha256"] == sha256(x86_artifact / m["library"])
     assert m["parity"]["max_force_error_mev_per_a"] <= m["parity"]["tolerance_mev"][1]
     assert m["target"]["name"] == "x86-64" and m["versions"]["tvm"].startswith("0.27")
 
@@ -96,7 +98,7 @@ def test_targets_command_lists_presets():
 
 def test_quantized_model_compiles_to_int8_gemms(tmp_path):
     """The int8 form matches the fake-quantized model in PyTorch, and the compiled module matches both."""
-    from qso3_tvm.int8 import Int8Linear, Int8WeightLinear, to_int8
+    from qso3_tvm.nn.int8 import Int8Linear, Int8WeightLinear, to_int8
 
     model = quantize_model(tiny_model(torch.float32, seed=4, energy_shift=ENERGY_SHIFT_EV), QuantConfig())
     z, pos = random_molecule(12, seed=1)

@@ -9,13 +9,14 @@ import struct
 import pytest
 import torch
 
-from qso3_tvm.board import free_port, start_board
-from qso3_tvm.checkpoint import save_model
-from qso3_tvm.compile import compile_model, deployable
-from qso3_tvm.deploy import board_info, connect, profile
+from qso3_tvm.boards.firmware import free_port, start_board
+from qso3_tvm.boards.profile import profile
+from qso3_tvm.compiler.compile import compile_model
+from qso3_tvm.compiler.targets import resolve_target
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.targets import resolve_target
-from qso3_tvm.testing import ENERGY_SHIFT_EV, save_tiny_model, tiny_model
+from qso3_tvm.nn.checkpoint import save_model
+from qso3_tvm.nn.testing import ENERGY_SHIFT_EV, save_tiny_model, tiny_model
+from qso3_tvm.runtime.remote import board_info, connect
 
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA toolkit)")
@@ -24,17 +25,12 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 @pytest.fixture(scope="module")
 def fused_gpu_module():
     """The tiny model's energy+forces graph for cuda-sm90, legalized and fused (before scheduling)."""
-    import tvm
+    from qso3_tvm.compiler.kernels.pipeline import fused
+    from qso3_tvm.compiler.module import relax_module
 
-    from qso3_tvm.export import export_energy_forces
-    from qso3_tvm.kernels.gpu import gpu_fuse_passes
-    from qso3_tvm.relax_frontend import import_to_relax
-
-    target = resolve_target("cuda-sm90").tvm_target()
-    mod = import_to_relax(export_energy_forces(deployable(tiny_model(torch.float32))))
-    with target:
-        mod = tvm.transform.Sequential(gpu_fuse_passes())(mod)
-    return mod, target
+    spec = resolve_target("cuda-sm90")
+    target = spec.tvm_target()
+    return fused(relax_module(tiny_model(torch.float32), spec), target), target
 
 
 def prim_funcs(mod):
@@ -61,7 +57,7 @@ def test_stock_dlight_gemv_still_asserts(fused_gpu_module):
 def test_every_kernel_gets_a_gpu_schedule_without_empty_launches(fused_gpu_module):
     from tvm import tirx
 
-    from qso3_tvm.kernels.gpu import _walk, drop_empty_loops, schedule_gpu_func
+    from qso3_tvm.compiler.kernels.gpu import _walk, drop_empty_loops, schedule_gpu_func
 
     mod, target = fused_gpu_module
     funcs = prim_funcs(mod)
@@ -84,8 +80,9 @@ def cuda_artifacts(tmp_path_factory):
     save_tiny_model(root / "tiny.pt")
     arts = {"fp32-sm90": (compile_model(str(root / "tiny.pt"), "cuda-sm90", root / "sm90", log=quiet), root / "sm90")}
     if shutil.which("aarch64-linux-gnu-g++"):
-        from qso3_tvm.quant import QuantConfig, quantize_model
-        from qso3_tvm.testing import model_energy_forces, random_molecule
+        from qso3_tvm.graph.molecules import random_molecule
+        from qso3_tvm.nn.quant import QuantConfig, quantize_model
+        from qso3_tvm.nn.testing import model_energy_forces
 
         model = quantize_model(tiny_model(torch.float32, seed=4, energy_shift=ENERGY_SHIFT_EV), QuantConfig())
         model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate

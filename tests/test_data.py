@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from qso3_tvm.data import (KCAL_MOL_TO_EV, MoleculeSet, load_extxyz, load_rmd17, make_batch, qm9_split,
-                           radius_graph, _parse_qm9_csv)
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.testing import random_molecule
+from qso3_tvm.graph.datasets import _parse_qm9_csv, load_extxyz, load_rmd17, qm9_split
+from qso3_tvm.graph.molecules import KCAL_MOL_TO_EV, MoleculeSet, random_molecule
+from qso3_tvm.graph.neighbors import radius_graph
+from qso3_tvm.nn.batch import make_batch
 
 
 def brute_force_graph(pos, cutoff):

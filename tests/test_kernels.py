@@ -7,9 +7,9 @@ import torch
 import tvm
 from tvm import relax
 
-from qso3_tvm.kernels.int8_matmul import dot_kernel, matmul_func, pack_weights, rewrite_int8_matmuls
-from qso3_tvm.kernels.pipeline import relax_pipeline
-from qso3_tvm.targets import resolve_target
+from qso3_tvm.compiler.kernels.int8_matmul import dot_kernel, matmul_func, pack_weights, rewrite_int8_matmuls
+from qso3_tvm.compiler.kernels.pipeline import relax_pipeline
+from qso3_tvm.compiler.targets import resolve_target
 
 X86_VNNI = resolve_target("x86-avx512")
 RNG = np.random.default_rng(0)
@@ -50,11 +50,11 @@ def test_arm_int8_kernels_emit_their_instruction(preset, instr):
 
 
 def test_stock_vnni_intrinsic_still_broken():
-    """TVM 0.27 bug worked around in qso3_tvm.tvm_fixes: tensorizing with the stock dot_16x4_vnni
+    """TVM 0.27 bug worked around in qso3_tvm.compiler.tvm_fixes: tensorizing with the stock dot_16x4_vnni
     intrinsic fails to build (LLVM 22 takes <64 x i8> operands). When this test fails, TVM fixed it."""
     from tvm.s_tir.tensor_intrin.x86 import VNNI_DOT_16x4_INTRIN
 
-    from qso3_tvm.kernels.int8_matmul import DotKernel
+    from qso3_tvm.compiler.kernels.int8_matmul import DotKernel
 
     stock = DotKernel("stock", VNNI_DOT_16x4_INTRIN, 16, "uint8")
     with pytest.raises(Exception):
@@ -110,8 +110,8 @@ def test_default_cpu_schedule_keeps_float_numerics():
 @pytest.mark.parametrize("grid", ["cube", "sphere"])
 def test_mddq_operator_equals_qat_module_and_its_ste_gradient(grid):
     """The deployed custom operator's forward and backward vs autograd of quant.MDDQ (float64)."""
-    from qso3_tvm.kernels.mddq import MDDQKernel
-    from qso3_tvm.quant import MDDQ
+    from qso3_tvm.nn.ops.mddq import MDDQKernel
+    from qso3_tvm.nn.quant import MDDQ
 
     torch.manual_seed(0)
     q = MDDQ(16, 8, grid).double()
@@ -133,7 +133,7 @@ def test_mddq_operator_equals_qat_module_and_its_ste_gradient(grid):
 
 @pytest.mark.parametrize("cube", [True, False])
 def test_mddq_tir_kernels_match_torch_reference(cube):
-    from qso3_tvm.kernels import mddq
+    from qso3_tvm.compiler.kernels import mddq
 
     target = resolve_target("x86-64").tvm_target()
     v = RNG.normal(size=(7, 3, 16)).astype(np.float32)
@@ -159,9 +159,9 @@ def _attention_case(dtype=np.float32, n=9, e=40, heads=4, dim=16):
 
 def test_attention_operator_equals_model_attention_and_its_ste_gradient():
     """qso3.l2_attention (forward, backward) vs autograd through the QAT model's own attention."""
-    from qso3_tvm.kernels.attention import L2AttentionKernel
-    from qso3_tvm.model import InteractionLayer, ModelConfig
-    from qso3_tvm.quant import FixedGrid
+    from qso3_tvm.nn.model import InteractionLayer, ModelConfig
+    from qso3_tvm.nn.ops.attention import L2AttentionKernel
+    from qso3_tvm.nn.quant import FixedGrid
 
     layer = InteractionLayer(ModelConfig(channels=16, heads=2)).double()
     layer.hooks.query, layer.hooks.key = FixedGrid(), FixedGrid()
@@ -180,7 +180,7 @@ def test_attention_operator_equals_model_attention_and_its_ste_gradient():
 
 
 def test_attention_tir_kernel_matches_torch_reference():
-    from qso3_tvm.kernels.attention import forward_func
+    from qso3_tvm.compiler.kernels.attention import forward_func
 
     target = resolve_target("x86-64").tvm_target()
     inputs = _attention_case()
@@ -193,11 +193,12 @@ def test_attention_tir_kernel_matches_torch_reference():
 
 def test_quantized_graph_runs_custom_operators():
     """The deployed int8 model's exported graph is mapped onto our TIR kernels."""
-    from qso3_tvm.compile import deployable
-    from qso3_tvm.export import export_energy_forces
-    from qso3_tvm.quant import QuantConfig, quantize_model
-    from qso3_tvm.relax_frontend import import_to_relax
-    from qso3_tvm.testing import model_energy_forces, random_molecule, tiny_model
+    from qso3_tvm.compiler.export import export_energy_forces
+    from qso3_tvm.compiler.module import deployable
+    from qso3_tvm.compiler.relax_import import import_to_relax
+    from qso3_tvm.graph.molecules import random_molecule
+    from qso3_tvm.nn.quant import QuantConfig, quantize_model
+    from qso3_tvm.nn.testing import model_energy_forces, tiny_model
 
     model = quantize_model(tiny_model(torch.float32, seed=4), QuantConfig())
     model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate

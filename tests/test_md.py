@@ -10,13 +10,15 @@ import torch
 from ase import Atoms
 from typer.testing import CliRunner
 
-from qso3_tvm import md as qmd
-from qso3_tvm.calculator import QSO3Calculator, check_size
+from qso3_tvm.apps import md as qmd
 from qso3_tvm.cli import app
-from qso3_tvm.compile import compile_model
-from qso3_tvm.data import load_rmd17
+from qso3_tvm.compiler.compile import compile_model
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.testing import ENERGY_SHIFT_EV, save_tiny_model
+from qso3_tvm.graph.convention import check_call_size as check_size
+from qso3_tvm.graph.datasets import load_rmd17
+from qso3_tvm.nn.eager import EagerModel
+from qso3_tvm.nn.testing import ENERGY_SHIFT_EV, save_tiny_model
+from qso3_tvm.runtime.calculator import QSO3Calculator
 
 runner = CliRunner()
 OUTPUTS = {"traj.extxyz", "log.csv", "energy.png", "summary.json"}
@@ -61,7 +63,7 @@ def fd_forces(atoms, h):
 @pytest.mark.parametrize("kind", ["eager", "compiled"])
 def test_forces_are_minus_energy_gradient(kind, eager_ckpt, artifact, ethanol):
     if kind == "eager":  # checkpoints load as float32; cast back to the saved float64
-        calc = QSO3Calculator.from_checkpoint(eager_ckpt, dtype=torch.float64)
+        calc = QSO3Calculator.from_model(EagerModel(eager_ckpt, dtype=torch.float64))
     else:
         calc = QSO3Calculator.from_compiled(artifact, threads=1)
     ethanol.calc = calc
@@ -74,14 +76,14 @@ def test_forces_are_minus_energy_gradient(kind, eager_ckpt, artifact, ethanol):
 
 
 def test_eager_and_compiled_agree(artifact, ethanol):
-    e = [QSO3Calculator.from_checkpoint(artifact.parent / "tiny32.pt").get_potential_energy(ethanol),
+    e = [QSO3Calculator.from_model(EagerModel(artifact.parent / "tiny32.pt")).get_potential_energy(ethanol),
          QSO3Calculator.from_compiled(artifact).get_potential_energy(ethanol)]
     assert e[0] == pytest.approx(e[1], abs=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["eager", "compiled"])
 def test_unknown_element_and_periodic_cell_raise(kind, eager_ckpt, artifact, ethanol):
-    calc = QSO3Calculator.from_checkpoint(eager_ckpt) if kind == "eager" else QSO3Calculator.from_compiled(artifact)
+    calc = QSO3Calculator.from_model(EagerModel(eager_ckpt)) if kind == "eager" else QSO3Calculator.from_compiled(artifact)
     ethanol.numbers[0] = 16
     with pytest.raises(QSO3Error, match=r"Z=\[16\] not known to the model"):
         calc.get_forces(ethanol)
@@ -131,7 +133,7 @@ def test_md_cli_over_rpc(artifact, ethanol_test, ethanol, tmp_path):
     """The board backend against a stock TVM RPC server on this machine: same numbers as running here."""
     from tvm import rpc
 
-    from qso3_tvm.board import free_port
+    from qso3_tvm.boards.firmware import free_port
 
     port = free_port()
     server = rpc.Server(host="127.0.0.1", port=port, port_end=port + 1, key="")

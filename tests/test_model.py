@@ -6,8 +6,9 @@ import torch
 from e3nn import o3
 from e3nn.util.test import assert_equivariant
 
-from qso3_tvm.model import polynomial_cutoff
-from qso3_tvm.testing import EQUIVARIANCE_TOL, equivariance_errors, model_energy_forces, random_molecule, tiny_model
+from qso3_tvm.graph.molecules import random_molecule
+from qso3_tvm.nn.model import polynomial_cutoff
+from qso3_tvm.nn.testing import EQUIVARIANCE_TOL, equivariance_errors, model_energy_forces, tiny_model
 
 
 @pytest.mark.parametrize("attention", ["l2norm", "dot"])

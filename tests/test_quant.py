@@ -6,9 +6,22 @@ import pytest
 import torch
 from e3nn import o3
 
-from qso3_tvm.quant import (DIRECTION_LEVELS, LSQ, MDDQ, MDDQ_MAX_ANGLE_DEG, FixedGrid, QuantConfig, direction_codes,
-                            param_groups, quantize_model, quantizers, set_stage, weight_bytes)
-from qso3_tvm.testing import EQUIVARIANCE_TOL, equivariance_errors, model_energy_forces, random_molecule, tiny_model
+from qso3_tvm.graph.molecules import random_molecule
+from qso3_tvm.nn.quant import (
+    DIRECTION_LEVELS,
+    LSQ,
+    MDDQ,
+    MDDQ_MAX_ANGLE_DEG,
+    FixedGrid,
+    QuantConfig,
+    direction_codes,
+    param_groups,
+    quantize_model,
+    quantizers,
+    set_stage,
+    weight_bytes,
+)
+from qso3_tvm.nn.testing import EQUIVARIANCE_TOL, equivariance_errors, model_energy_forces, tiny_model
 
 
 def random_vectors(n=2000, f=8, seed=0, dtype=torch.float64):
@@ -83,7 +96,7 @@ def test_mddq_of_rotated_input_within_bound(grid):
 
 def test_naive_quantization_breaks_the_bound():
     """The baseline the method is compared with really is worse for small vectors."""
-    from qso3_tvm.quant import NaiveVector
+    from qso3_tvm.nn.quant import NaiveVector
 
     v = random_vectors(seed=3)
     q = NaiveVector()
@@ -166,8 +179,8 @@ def test_cli_quantize_and_evaluate(tmp_path, ethanol_train, ethanol_test):
 
     from typer.testing import CliRunner
 
-    from qso3_tvm.checkpoint import load_model, save_model
     from qso3_tvm.cli import app
+    from qso3_tvm.nn.checkpoint import load_model, save_model
 
     fp32 = tiny_model(torch.float32, energy_shift=[-13.6, -1030.0, -1480.0, -2040.0, -2700.0])
     save_model(tmp_path / "fp32.pt", fp32)

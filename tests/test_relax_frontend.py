@@ -9,10 +9,11 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
-from qso3_tvm.export import batch_inputs, export_energy_forces
-from qso3_tvm.quant import QuantConfig, quantize_model
-from qso3_tvm.relax_frontend import import_to_relax
-from qso3_tvm.testing import model_energy_forces, random_molecule, tiny_model
+from qso3_tvm.compiler.export import batch_inputs, export_energy_forces
+from qso3_tvm.compiler.relax_import import import_to_relax
+from qso3_tvm.graph.molecules import random_molecule
+from qso3_tvm.nn.quant import QuantConfig, quantize_model
+from qso3_tvm.nn.testing import model_energy_forces, tiny_model
 
 
 def run_relax(mod, *args):
@@ -97,7 +98,8 @@ def test_energy_forces_through_relax(quantized):
     ex = tvm.compile(mod, target=tvm.target.Target("llvm"))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     # a molecule larger than the export example: shapes are symbolic
-    from qso3_tvm.data import MoleculeSet, make_batch
+    from qso3_tvm.graph.molecules import MoleculeSet
+    from qso3_tvm.nn.batch import make_batch
 
     z1, p1 = random_molecule(14, seed=5)
     z2, p2 = random_molecule(9, seed=6)

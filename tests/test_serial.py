@@ -8,11 +8,10 @@ import threading
 
 import pytest
 
-from qso3_tvm.board import firmware_binary, free_port
-from qso3_tvm.deploy import board_info, connect
+from qso3_tvm.boards.firmware import firmware_binary, free_port
+from qso3_tvm.boards.serial_console import provision
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.serial_console import provision
-
+from qso3_tvm.runtime.remote import board_info, connect
 
 
 class FakeBoardShell(threading.Thread):

@@ -10,13 +10,14 @@ import torch
 from typer.testing import CliRunner
 
 from qso3_tvm.cli import app
-from qso3_tvm.compile import compile_model
-from qso3_tvm.data import MoleculeSet
+from qso3_tvm.compiler.compile import compile_model
+from qso3_tvm.compiler.tuning.database import RECORD_FILE, WORKLOAD_FILE, database_sha256, open_database
+from qso3_tvm.compiler.tuning.tune import tune
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.runtime import CompiledModel
-from qso3_tvm.testing import ENERGY_SHIFT_EV, model_energy_forces, random_molecule, save_tiny_model, tiny_model
-from qso3_tvm.tune import (RECORD_FILE, WORKLOAD_FILE, Bucket, choose_bucket, database_sha256, open_database,
-                           pad_arrays, tune)
+from qso3_tvm.graph.convention import Bucket, choose_bucket, pad_arrays
+from qso3_tvm.graph.molecules import MoleculeSet, random_molecule
+from qso3_tvm.nn.testing import ENERGY_SHIFT_EV, model_energy_forces, save_tiny_model, tiny_model
+from qso3_tvm.runtime.compiled import CompiledModel
 
 BUCKET = "24,300,3"  # one ethanol (9 atoms, 72 edges) or paracetamol (20 atoms) per call, or two ethanols
 quiet = lambda *_: None  # noqa: E731
@@ -134,3 +135,25 @@ def test_corrupt_database_is_a_clear_error(tuned_db, tiny):
     r = CliRunner().invoke(app, ["compile", str(tiny / "tiny.pt"), "--target", "x86-64", "-o", str(tiny / "never"),
                                  "--tuning-records", str(tiny / "missing")])
     assert r.exit_code == 2 and "no tuning database" in r.output
+
+
+def test_stock_meta_schedule_loggers_still_break_on_unnamed_handlers(tmp_path):
+    """TVM bug (qso3_tvm.compiler.tvm_fixes, 3): an unnamed handler on MetaSchedule's logger breaks
+    get_loggers_from_work_dir; meta_schedule_loggers works and leaves the handler in place."""
+    import logging
+
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+
+    from qso3_tvm.compiler.tvm_fixes import META_SCHEDULE_LOGGER, meta_schedule_loggers
+
+    logger = logging.getLogger(META_SCHEDULE_LOGGER)
+    handler = logging.NullHandler()  # no name, as pytest's LogCaptureHandler
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'format'"):
+            get_loggers_from_work_dir(str(tmp_path / "stock"), ["task_a"])
+        loggers = meta_schedule_loggers(str(tmp_path / "ours"), ["task_a"])
+        assert len(loggers) == 1 and (tmp_path / "ours" / "logs").is_dir()
+        assert handler in logger.handlers
+    finally:
+        logger.removeHandler(handler)

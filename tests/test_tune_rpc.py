@@ -9,10 +9,11 @@ import pytest
 import torch
 from tvm import rpc
 
-from qso3_tvm.board import free_port, start_board, start_tracker
-from qso3_tvm.checkpoint import save_model
-from qso3_tvm.testing import tiny_model
-from qso3_tvm.tune import RECORD_FILE, tune
+from qso3_tvm.boards.firmware import free_port, start_board, start_tracker
+from qso3_tvm.compiler.tuning.database import RECORD_FILE
+from qso3_tvm.compiler.tuning.tune import tune
+from qso3_tvm.nn.checkpoint import save_model
+from qso3_tvm.nn.testing import tiny_model
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-aarch64") is None or shutil.which("aarch64-linux-gnu-g++") is None,

@@ -4,10 +4,11 @@ import sys
 
 import numpy as np
 
-from qso3_tvm.checkpoint import load_model
-from qso3_tvm.data import MoleculeSet, load_qm9
-from qso3_tvm.metrics import predict
-from qso3_tvm.runtime import CompiledModel
+from qso3_tvm.nn.checkpoint import load_model
+from qso3_tvm.graph.datasets import load_qm9
+from qso3_tvm.graph.molecules import MoleculeSet
+from qso3_tvm.nn.metrics import predict
+from qso3_tvm.runtime.compiled import CompiledModel
 
 mols = load_qm9()
 order = np.random.default_rng(0).permutation(len(mols))[:3000]

@@ -4,9 +4,9 @@ import re
 
 import torch
 
-from qso3_tvm.compile import build
-from qso3_tvm.targets import resolve_target
-from qso3_tvm.testing import tiny_model
+from qso3_tvm.compiler.compile import build
+from qso3_tvm.compiler.targets import resolve_target
+from qso3_tvm.nn.testing import tiny_model
 
 ex = build(tiny_model(dtype=torch.float32), resolve_target("cuda-sm90"))
 sources = [m.inspect_source() for m in ex.mod._collect_from_import_tree(lambda m: m.kind == "cuda")]

@@ -10,9 +10,10 @@ import time
 import traceback
 from pathlib import Path
 
-from qso3_tvm.board import free_port, start_board
-from qso3_tvm.deploy import RemoteModel, board_info, connect, profile
-from qso3_tvm.runtime import max_errors, read_manifest, sample_set
+from qso3_tvm.boards.firmware import free_port, start_board
+from qso3_tvm.boards.profile import profile
+from qso3_tvm.runtime.remote import RemoteModel, board_info, connect
+from qso3_tvm.graph.convention import max_errors, read_manifest, sample_set
 
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 

@@ -1,8 +1,8 @@
 """Energy-force consistency at rMD17 ethanol test frame 0: max/mean |F + dE/dx| by central differences."""
 import sys, numpy as np
 from ase import Atoms
-from qso3_tvm.data import load_dataset
-from qso3_tvm.md import make_calculator
+from qso3_tvm.graph.datasets import load_dataset
+from qso3_tvm.apps.md import make_calculator
 z, pos = load_dataset("ethanol", split="test").frame(0)
 for spec in sys.argv[1:]:
     calc = make_calculator(spec, threads=1)

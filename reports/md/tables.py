@@ -2,7 +2,7 @@
 
     python reports/md/tables.py /work/runs/md/ethanol_fp32_nve /work/runs/md/ethanol_int8_x86_nve ...
 
-Energy statistics are recomputed from each log.csv with qso3_tvm.md.energy_stats (the code that writes
+Energy statistics are recomputed from each log.csv with qso3_tvm.apps.md.energy_stats (the code that writes
 summary.json) and each energy.png is redrawn from log.csv into reports/md/<folder>.png; the stability
 columns are the run's own summary.json.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qso3_tvm.md import energy_stats, write_plot
+from qso3_tvm.apps.md import energy_stats, write_plot
 
 HERE = Path(__file__).parent
 

@@ -1,0 +1,1 @@
+"""Applications over the stages: evaluate, demo, molecular dynamics, benchmarks, report experiments."""

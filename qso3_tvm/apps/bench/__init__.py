@@ -1,0 +1,1 @@
+"""`qso3-tvm bench`: every inference route side by side, each in its own process."""

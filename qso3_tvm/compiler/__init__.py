@@ -1,0 +1,1 @@
+"""From a model to a library: export, Relax import, kernels and schedules, targets, tuning, build."""

@@ -1,0 +1,63 @@
+"""Robust (L2-normalized) attention as one TIR kernel (N, E symbolic; H, d static): per-atom int8 codes
+of q̂ and k̂, int8 dot products with int32 accumulation, temperature, and the cutoff-weighted segment
+softmax with its sink. It implements the torch operator of nn.ops.attention (the numerics are
+defined there) and replaces it at import (compiler.relax_import.CONVERTERS)."""
+
+from __future__ import annotations
+
+from ...nn.ops.attention import NORM_EPS
+from ...nn.quant import DIRECTION_LEVELS
+
+# ---- TIR kernel (N, E symbolic; H, d static) ----------------------------------------------------
+
+def forward_func(heads: int, dim: int):
+    from tvm.script import tirx as T
+
+    L = float(DIRECTION_LEVELS)
+
+    @T.prim_func(s_tir=True)
+    def l2_attention_fwd(q_h: T.handle, k_h: T.handle, src_h: T.handle, dst_h: T.handle, fc_h: T.handle,
+                         tau: T.Buffer((heads,), "float32"), out_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n, e = T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, heads, dim), "float32")
+        k = T.match_buffer(k_h, (n, heads, dim), "float32")
+        src = T.match_buffer(src_h, (e,), "int64")
+        dst = T.match_buffer(dst_h, (e,), "int64")
+        fc = T.match_buffer(fc_h, (e,), "float32")
+        alpha = T.match_buffer(out_h, (e, heads), "float32")
+        cq = T.alloc_buffer((n, heads, dim), "int8")
+        ck = T.alloc_buffer((n, heads, dim), "int8")
+        den = T.alloc_buffer((n, heads), "float32")
+        mx = T.alloc_buffer((heads,), "float32")
+        acc = T.alloc_buffer((1,), "int32")
+        norm = T.alloc_buffer((2,), "float32")
+        with T.sblock("codes"):  # per-atom int8 codes of q̂ and k̂
+            for a, h in T.grid(n, heads):
+                norm[0] = T.float32(0)
+                norm[1] = T.float32(0)
+                for j in range(dim):
+                    norm[0] = norm[0] + q[a, h, j] * q[a, h, j]
+                    norm[1] = norm[1] + k[a, h, j] * k[a, h, j]
+                for j in range(dim):
+                    cq[a, h, j] = T.Cast("int8", T.floor(T.max(T.min(q[a, h, j] * T.rsqrt(norm[0] + T.float32(NORM_EPS)), T.float32(1)), T.float32(-1)) * T.float32(L) + T.float32(0.5)))
+                    ck[a, h, j] = T.Cast("int8", T.floor(T.max(T.min(k[a, h, j] * T.rsqrt(norm[1] + T.float32(NORM_EPS)), T.float32(1)), T.float32(-1)) * T.float32(L) + T.float32(0.5)))
+        with T.sblock("softmax"):
+            for h in range(heads):
+                mx[h] = T.float32(0)
+                for i in range(e):  # logits (stored in alpha), max per head
+                    acc[0] = 0
+                    for j in range(dim):
+                        acc[0] = acc[0] + T.Cast("int32", cq[dst[i], h, j]) * T.Cast("int32", ck[src[i], h, j])
+                    alpha[i, h] = tau[h] * T.Cast("float32", acc[0]) / T.float32(L * L)
+                    mx[h] = T.max(mx[h], alpha[i, h])
+                for a in range(n):
+                    den[a, h] = T.exp(-mx[h])
+                for i in range(e):  # cutoff-weighted exponentials, neighbor sums
+                    alpha[i, h] = fc[i] * T.exp(alpha[i, h] - mx[h])
+                    den[dst[i], h] = den[dst[i], h] + alpha[i, h]
+                for i in range(e):
+                    alpha[i, h] = alpha[i, h] / den[dst[i], h]
+
+    return l2_attention_fwd.with_attrs({"global_symbol": "qso3_l2_attention", "tirx.is_scheduled": True,
+                                        "op_pattern": 8})

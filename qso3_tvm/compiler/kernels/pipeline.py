@@ -1,0 +1,94 @@
+"""Where the hand-written kernels and schedules enter the build.
+
+    imported Relax module
+      -> rewrite_int8_matmuls      int8 GEMMs with constant weights -> tensorized TIR (per target)
+      -> [MetaSchedule database]   compiler.tuning, tuned builds only
+      -> legalize, fuse            TVM's CPU pipeline
+      -> default CPU schedules     every fused kernel nobody scheduled (kernels.schedule)
+         or GPU schedules          dlight's rules, tolerant of rules that raise (kernels.gpu)
+      -> lower, build              CUDA device code compiled to a fatbin at export (kernels.gpu)
+"""
+
+from __future__ import annotations
+
+from .int8_matmul import rewrite_int8_matmuls
+
+
+def apply_kernels(mod, target) -> tuple[object, dict]:
+    """The module with our kernels substituted, and what was substituted (for the manifest)."""
+    mod, n_matmul, kernel = rewrite_int8_matmuls(mod, target)
+    return mod, {"int8_matmul": {"kernel": kernel, "count": n_matmul}}
+
+
+def kernel_summary(target) -> dict:
+    """How the quantized operators run on this target (recorded in manifest.json)."""
+    from .int8_matmul import dot_kernel
+
+    kern = dot_kernel(target)
+    cpu = target.kind.name == "llvm"
+    return {
+        "scalar_linears": f"int8 x int8 -> int32, {kern.name} TIR kernel, weights packed at compile time"
+                          if kern else "int8 x int8 -> int32, generic relax matmul (no int8 dot instruction on this target)",
+        "vector_linears": "int8 weights dequantized to float (inputs are MDDQ-decoded vectors)",
+        "mddq": "custom TIR operators qso3_mddq / qso3_mddq_backward" if cpu else "generic operators",
+        "attention": "custom TIR operator qso3_l2_attention (int8 q̂·k̂ codes, int32 dot, temperature, segment "
+                     "softmax with sink); its backward and the message aggregation run as generic fused kernels"
+                     if cpu else "generic operators",
+        "forces": "float backward with straight-through semantics (equals the QAT model's autograd forces)",
+        "schedules": "default CPU rule (kernels.schedule) for unscheduled fused kernels"
+                     if cpu else "dlight GPU rules (kernels.gpu)",
+        **({"device_code": f"fatbin for {target.arch} + PTX, compiled at export with nvcc (no compiler on the board)"}
+           if target.kind.name == "cuda" else {}),
+    }
+
+
+def fuse_passes(target) -> list:
+    """Legalize and fuse, as TVM's pipeline for the target does before scheduling (GPU targets legalize
+    scatter_elements to a thread-bound kernel): the fused kernels are what schedules and tuning see."""
+    from tvm import relax
+
+    legalize_map = None
+    if target.kind.name == "cuda":
+        from .gpu import GPU_LEGALIZE as legalize_map
+    return [relax.transform.LegalizeOps(legalize_map), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def fused(mod, target):
+    """The module legalized and fused for the target (`fuse_passes`), nothing scheduled."""
+    import tvm
+
+    with target:
+        return tvm.transform.Sequential(fuse_passes(target))(mod)
+
+
+def backend_pipeline(target, backend, legalize):
+    """TVM's pipeline of a backend module (tvm.relax.backend.<cpu_generic|cuda>.pipeline) with
+    `legalize(target)` (legalize, fuse, schedule passes) in place of its own legalize step."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = (backend.library_dispatch_passes(target) + legalize(target) + backend.dataflow_lower_passes(target)
+                   + backend.finalize_passes(target))
+            return tvm.transform.Sequential(seq)(mod)
+
+    return _pipeline
+
+
+def relax_pipeline(target):
+    """TVM's default pipeline for the target, with our default CPU or GPU schedules after fusion."""
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as cuda
+
+        from .gpu import default_gpu_schedule
+
+        return backend_pipeline(target, cuda, lambda t: fuse_passes(t) + [default_gpu_schedule(t)])
+    if target.kind.name != "llvm":
+        return "default"
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from .schedule import default_cpu_schedule
+
+    return backend_pipeline(target, cpu, lambda t: fuse_passes(t) + [default_cpu_schedule(t)])

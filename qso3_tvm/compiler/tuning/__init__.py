@@ -1,0 +1,1 @@
+"""MetaSchedule tuning at static size buckets: databases, builders/runners, the tuning loop."""

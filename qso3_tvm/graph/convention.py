@@ -1,0 +1,223 @@
+"""The calling convention of a compiled artifact, shared by the compiler, the runtime and the tools.
+
+A call takes six arrays in this order: species (atoms,) int64 indices into the model's species,
+pos (atoms, 3) float32, mol (atoms,) int64, src (edges,) int64, dst (edges,) int64, mol_slots
+(molecules,) float32 (zeros: its length is the molecule count). Outputs: energy (molecules,) without
+the per-element shifts, forces (atoms, 3).
+
+Every call appends a ghost molecule (two atoms of the first species, 1 Å apart) so that the atom, edge
+and molecule counts are never 0 or 1, the sizes torch.export specializes; its outputs are dropped.
+
+Static builds (tuned, `--bucket`) have fixed sizes: a bucket (atoms, edges, molecules) is the padded
+size of every call: the real molecules, the ghost molecule plus every padding atom (each ≥ 2×cutoff
+from everything else, so they have no neighbours), padding edges that duplicate the ghost pair's edge,
+and empty molecule slots (energy 0). A call needs atoms + 2, edges + 2 and molecules + 1 slots.
+
+The manifest's `inputs` section records which of the two a library is (`dynamic_inputs`, `static_inputs`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BucketError, QSO3Error
+from .molecules import MoleculeSet
+from .neighbors import graph_arrays, radius_graph
+
+MANIFEST = "manifest.json"
+INPUT_NAMES = ("species", "pos", "mol", "src", "dst", "mol_slots")
+CALL_DIMS = ("atoms", "edges", "molecules")
+GHOST_ATOMS, GHOST_EDGES = 2, 2
+# documented buckets (README, reports/tuning.md)
+NAMED_BUCKETS = {
+    "ethanol": (12, 80, 2),  # ethanol batch 1: 9 atoms, 72 edges (+2 ghost atoms, +2 ghost edges, +1 ghost molecule)
+    "qm9-32": (640, 10752, 33),  # 32 QM9-sized molecules (~18 atoms, ~300 edges each at 5 Å)
+}
+
+
+# ----------------------------------------------------------------------------- buckets
+@dataclass(frozen=True)
+class Bucket:
+    atoms: int
+    edges: int
+    molecules: int
+
+    @classmethod
+    def parse(cls, spec) -> "Bucket":
+        """'ATOMS,EDGES,MOLS', a named bucket (ethanol, qm9-32), a list/tuple or a Bucket."""
+        if isinstance(spec, Bucket):
+            return spec
+        if isinstance(spec, str):
+            spec = NAMED_BUCKETS.get(spec.strip(), spec)
+        try:
+            vals = [int(v) for v in (spec.split(",") if isinstance(spec, str) else spec)]
+        except (TypeError, ValueError):
+            vals = []
+        if len(vals) != 3:
+            raise QSO3Error(f"bucket must be ATOMS,EDGES,MOLECULES (or one of {', '.join(NAMED_BUCKETS)}), not {spec!r}")
+        b = cls(*vals)
+        if b.atoms < 3 or b.edges < 2 or b.molecules < 2:
+            raise QSO3Error(f"bucket {b.text}: needs ≥ 3 atoms, ≥ 2 edges, ≥ 2 molecules (room for the ghost molecule)")
+        return b
+
+    @property
+    def text(self) -> str:
+        return f"{self.atoms},{self.edges},{self.molecules}"
+
+    def as_list(self) -> list[int]:
+        return [self.atoms, self.edges, self.molecules]
+
+    def fits(self, atoms: int, edges: int, molecules: int) -> bool:
+        """Room for real atoms/edges/molecules plus the ghost pair (2 atoms, 2 edges, 1 molecule)."""
+        return atoms + 2 <= self.atoms and edges + 2 <= self.edges and molecules + 1 <= self.molecules
+
+
+def choose_bucket(buckets, atoms: int, edges: int, molecules: int) -> Bucket | None:
+    """The smallest bucket (by atoms, then edges) the call fits in, or None."""
+    fitting = [b for b in map(Bucket.parse, buckets) if b.fits(atoms, edges, molecules)]
+    return min(fitting, key=lambda b: (b.atoms, b.edges, b.molecules)) if fitting else None
+
+
+def pad_to_bucket(arrays: list, buckets, cutoff: float, where: str) -> list:
+    """A call's graph arrays (species, pos, mol, src, dst, mol_slots; the 2-atom ghost molecule last)
+    padded to the smallest bucket that fits; BucketError names the limits otherwise."""
+    n, e, molecules = len(arrays[0]) - 2, len(arrays[3]) - 2, len(arrays[5]) - 1
+    bucket = choose_bucket(buckets, n, e, molecules)
+    if bucket is None:
+        raise BucketError(f"{molecules} molecule(s) with {n} atoms and {e} edges exceed every size bucket "
+                          f"of {where} ({buckets} as atoms,edges,molecules incl. a 2-atom ghost); "
+                          "compile with a larger --bucket or use an untuned (dynamic) build")
+    return list(pad_arrays(*arrays[:5], molecules + 1, bucket, cutoff, ghost=(n, n + 1)))
+
+
+def pad_arrays(species, pos, mol, src, dst, n_mol: int, bucket: Bucket, cutoff: float, ghost: tuple[int, int] | None = None):
+    """Pad graph arrays to a bucket. `ghost` is the (i, j) atom pair of an existing ghost molecule
+    (the last molecule) whose edge is duplicated; None when the arrays have no ghost yet (export):
+    then atoms are padded onto the last molecule and edges duplicate its first edge.
+    Returns (species, pos, mol, src, dst, mol_slots) as numpy arrays of the bucket's sizes."""
+    n, e = len(species), len(src)
+    if n > bucket.atoms or e > bucket.edges or n_mol > bucket.molecules or e == 0:
+        raise QSO3Error(f"{n} atoms / {e} edges / {n_mol} molecules do not fit bucket {bucket.text}")
+    k = bucket.atoms - n
+    gap = 2.0 * cutoff + 1.0  # ≥ 2×cutoff (with a margin for float32) from everything and each other
+    extra_pos = np.zeros((k, 3), pos.dtype)
+    extra_pos[:, 0] = float(np.abs(pos).max(initial=0.0)) + gap * np.arange(1, k + 1)
+    i, j = ghost if ghost is not None else (int(src[0]), int(dst[0]))
+    reps = bucket.edges - e
+    pad_src = np.where(np.arange(reps) % 2 == 0, i, j).astype(src.dtype)
+    pad_dst = np.where(np.arange(reps) % 2 == 0, j, i).astype(dst.dtype)
+    return (np.concatenate([species, np.full(k, species[-1], species.dtype)]),
+            np.concatenate([pos, extra_pos]),
+            np.concatenate([mol, np.full(k, n_mol - 1, mol.dtype)]),
+            np.concatenate([src, pad_src]), np.concatenate([dst, pad_dst]),
+            np.zeros(bucket.molecules, pos.dtype))
+
+
+def with_ghost(mols: MoleculeSet, frames, species: tuple[int, ...]) -> tuple[MoleculeSet, list[int]]:
+    """The chosen frames plus a ghost molecule of two atoms of the first species."""
+    parts = [mols.frame(int(f)) for f in frames]
+    ghost = (np.full(GHOST_ATOMS, species[0]), np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    return MoleculeSet.from_molecules(parts + [ghost]), list(range(len(parts) + 1))
+
+
+def call_arrays(mols: MoleculeSet, frames, species: tuple[int, ...], cutoff: float, buckets=None,
+                where: str = "the artifact") -> tuple[list[np.ndarray], MoleculeSet]:
+    """The six input arrays of one call on the frames (plus the ghost molecule, padded to the smallest
+    fitting bucket when `buckets` are given), and the frames with the ghost."""
+    padded, idx = with_ghost(mols, list(frames), species)
+    g = graph_arrays(padded, idx, species, cutoff)
+    arrays = [g.species, g.pos.astype(np.float32), g.mol, g.src, g.dst, np.zeros(g.n_mol, np.float32)]
+    if buckets:
+        arrays = pad_to_bucket(arrays, buckets, cutoff, where)
+    return arrays, padded
+
+
+def call_sizes(numbers: np.ndarray, positions: np.ndarray, species: tuple[int, ...], cutoff: float) -> dict[str, int]:
+    """Atom, edge and molecule counts of one call on a molecule (the molecule plus the ghost)."""
+    padded, _ = with_ghost(MoleculeSet.from_molecules([(numbers, positions)]), [0], species)
+    edges = sum(len(radius_graph(padded.frame(i)[1], cutoff)[0]) for i in range(len(padded)))
+    return {"atoms": len(padded.numbers), "edges": edges, "molecules": len(padded)}
+
+
+def fits_buckets(buckets, numbers: np.ndarray, positions: np.ndarray, species, cutoff: float) -> bool:
+    """Whether one molecule (as one call, ghost included) fits one of the buckets."""
+    sizes = call_sizes(numbers, positions, species, cutoff)
+    return choose_bucket(buckets, sizes["atoms"] - GHOST_ATOMS, sizes["edges"] - GHOST_EDGES, 1) is not None
+
+
+def check_call_size(manifest: dict, numbers: np.ndarray, positions: np.ndarray) -> None:
+    """Refuse a molecule outside the artifact's limits: manifest["inputs"]["bounds"] ({dim: [lo, hi]},
+    hi None = unbounded) and, when present, static "buckets" (each [atoms, edges, molecules] or
+    {dim: max}, sizes of a whole call including the ghost: one must fit)."""
+    inputs = manifest.get("inputs", {})
+    bounds = inputs.get("bounds", {})
+    buckets = [b if isinstance(b, dict) else dict(zip(CALL_DIMS, b)) for b in inputs.get("buckets") or []]
+    limited = buckets or any(hi is not None for _, hi in bounds.values())
+    if not limited:
+        return
+    sizes = call_sizes(numbers, positions, tuple(manifest["model"]["species"]), float(manifest["model"]["cutoff"]))
+    for dim, (lo, hi) in bounds.items():
+        n = sizes.get(dim)
+        if n is not None and ((lo is not None and n < lo) or (hi is not None and n > hi)):
+            raise QSO3Error(f"molecule too large for this artifact: {n} {dim} per call (molecule + 2-atom ghost) "
+                            f"outside the compiled bounds [{lo}, {hi}]")
+    if buckets and not any(all(sizes.get(d, 0) <= m for d, m in b.items() if m is not None) for b in buckets):
+        raise QSO3Error(f"molecule does not fit any compiled size bucket: needs {sizes} (molecule + 2-atom ghost), "
+                        f"buckets {buckets}")
+
+
+# ----------------------------------------------------------------------------- manifest
+def dynamic_inputs() -> dict:
+    """The manifest's `inputs` section of a library with symbolic sizes."""
+    return {"species": ["atoms"], "pos": ["atoms", 3], "mol": ["atoms"], "src": ["edges"], "dst": ["edges"],
+            "mol_slots": ["molecules"], "bounds": {"atoms": [2, None], "edges": [2, None], "molecules": [2, None]},
+            "note": "symbolic shapes: one library serves any molecule size; a ghost molecule pads each call"}
+
+
+def static_inputs(bucket: Bucket) -> dict:
+    """The manifest's `inputs` section of a library built at one static bucket."""
+    return {"species": [bucket.atoms], "pos": [bucket.atoms, 3], "mol": [bucket.atoms],
+            "src": [bucket.edges], "dst": [bucket.edges], "mol_slots": [bucket.molecules],
+            "buckets": [bucket.as_list()],
+            "note": "static shapes: every call is padded to a bucket (atoms, edges, molecules) with a ghost "
+                    "molecule; a call needs atoms+2, edges+2, molecules+1 slots"}
+
+
+def read_manifest(path: Path) -> dict:
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise QSO3Error(f"{path}: not a compiled artifact (no {MANIFEST})")
+    try:
+        return json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise QSO3Error(f"{manifest_path}: corrupt manifest ({e})") from None
+
+
+def sample_molecules(species: tuple[int, ...]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, numbers, positions) of the packaged sample frames whose elements the model knows."""
+    out = []
+    with np.load(str(resources.files("qso3_tvm") / "models" / "samples.npz")) as npz:
+        for key in sorted(k for k in npz.files if k.endswith("_numbers")):
+            name = key[: -len("_numbers")]
+            numbers, coords = npz[key], npz[f"{name}_coords"]
+            if set(numbers.tolist()) <= set(species):
+                out += [(f"{name}[{i}]", numbers, c) for i, c in enumerate(coords)]
+    return out
+
+
+def sample_set(species) -> tuple[MoleculeSet, list[str]]:
+    samples = sample_molecules(species)
+    if not samples:
+        raise QSO3Error(f"no packaged sample molecule uses only the model's species {species}")
+    return MoleculeSet.from_molecules((z, p) for _, z, p in samples), [s[0] for s in samples]
+
+
+def max_errors(ref: dict, energies: np.ndarray, forces: np.ndarray) -> dict:
+    """Max abs deviation from a stored reference, in meV and meV/Å."""
+    return {"max_energy_error_mev": float(np.abs(energies - np.asarray(ref["energy_ev"])).max() * 1e3),
+            "max_force_error_mev_per_a": float(np.abs(forces - np.asarray(ref["forces_ev_per_a"])).max() * 1e3)}

@@ -1,0 +1,1 @@
+"""The PyTorch side: model, quantization (MDDQ, LSQ), int8 deployment form, training, checkpoints, eager metrics."""

@@ -1,0 +1,83 @@
+"""Checkpoints: a CPU state dict + config dict, loadable with torch.load(weights_only=True).
+
+Writes are atomic (temporary file + rename): an interrupt never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..errors import QSO3Error
+from .model import ModelConfig, So3krates
+
+BUNDLED = {"ethanol-fp32": "ethanol_fp32.pt", "ethanol-int8": "ethanol_int8.pt"}
+DEFAULT_MODEL = "ethanol-fp32"
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def model_payload(model: So3krates, **meta) -> dict:
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {"format": "qso3-tvm/1", "config": model.cfg.to_dict(), "state_dict": state, "meta": meta}
+    if getattr(model, "quant_cfg", None) is not None:
+        payload["quant"] = model.quant_cfg.to_dict()
+    return payload
+
+
+def save_model(path: str | Path, model: So3krates, **meta) -> None:
+    atomic_save(model_payload(model, **meta), path)
+
+
+def resolve_model_path(spec: str | Path) -> Path:
+    """A checkpoint path, or the name of a bundled model (see BUNDLED)."""
+    if str(spec) in BUNDLED:
+        return Path(str(resources.files("qso3_tvm") / "models" / BUNDLED[str(spec)]))
+    path = Path(spec)
+    if not path.is_file():
+        raise QSO3Error(f"model not found: {path} (give a checkpoint path or one of {sorted(BUNDLED)})")
+    return path
+
+
+def load_payload(spec: str | Path) -> dict:
+    path = resolve_model_path(spec)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors of a file that is not a checkpoint
+        raise QSO3Error(f"{path}: not a qso3-tvm checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
+        raise QSO3Error(f"{path}: not a qso3-tvm checkpoint (no config/state_dict)")
+    return payload
+
+
+def build_model(config: dict, quant: dict | None = None) -> So3krates:
+    """An untrained model of a saved config; fake-quantized when a quant config is given."""
+    model = So3krates(ModelConfig.from_dict(config))
+    if quant is not None:
+        from .quant import QuantConfig, quantize_model
+
+        model = quantize_model(model, QuantConfig(**quant))
+    return model
+
+
+def precision(model: So3krates) -> str:
+    qcfg = getattr(model, "quant_cfg", None)
+    if qcfg is None:
+        return "fp32"
+    return f"w{qcfg.w_bits}a{qcfg.a_bits}-{qcfg.vector}"
+
+
+def load_model(spec: str | Path) -> So3krates:
+    payload = load_payload(spec)
+    model = build_model(payload["config"], payload.get("quant"))
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()

@@ -1,0 +1,121 @@
+"""Deployment form of a fake-quantized model: real int8 storage and int8 × int8 → int32 products.
+
+`to_int8(model)` replaces every QuantLinear:
+- scalar-branch Linears (with an activation quantizer) become Int8Linear: the activation codes
+  q_x = clamp(floor(x / s_x + 0.5), ±127) are cast to int8 and multiplied with int8 weight codes by
+  torch._int_mm (int32 accumulation, exact); the int32 result is scaled by s_x·s_w and the bias added.
+- vector-branch Linears (inputs are MDDQ-decoded vectors) become Int8WeightLinear: int8 weight codes
+  stored, dequantized by their per-channel step.
+
+Forces (the backward) run in float with straight-through semantics: dL/dx = (g · W_q) masked where
+x / s_x was clipped, W_q = codes · s_w. That is exactly the gradient of the fake-quantized QAT model,
+so the compiled forces match the model that was trained; integer backward kernels would change the
+numerics without a speed case on CPU (the backward is dominated by per-edge elementwise work).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .model import InteractionLayer
+from .quant import LSQ, MDDQ, FixedGrid, QuantLinear
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """y = (q_x · W_codes) s_x s_w with q_x = clamp(floor(x/s_x + 0.5), qmin, qmax).
+    Unsigned codes (0..255) are shifted by zp = 128 into int8; zp · Σ_k W[k, n] is added back (in
+    float: every term is an integer below 2^24, so exact; derived from the codes, not stored)."""
+
+    @staticmethod
+    def forward(ctx, x, w_codes_t, s_x, s_w, qmin: int, qmax: int, zp: int):
+        u = x / s_x
+        ctx.save_for_backward(u, w_codes_t, s_w)
+        ctx.bounds = (qmin, qmax)
+        q = (torch.clamp(torch.floor(u + 0.5), qmin, qmax) - zp).to(torch.int8)
+        acc = torch._int_mm(q.reshape(-1, q.shape[-1]), w_codes_t).to(x.dtype)  # int8 x int8 -> int32, exact
+        if zp:
+            acc = acc + zp * w_codes_t.to(x.dtype).sum(0)
+        return acc.reshape(*x.shape[:-1], -1) * (s_x * s_w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, w_codes_t, s_w = ctx.saved_tensors
+        w_q = w_codes_t.to(grad.dtype) * s_w  # (in, out): the fake-quantized weights
+        qmin, qmax = ctx.bounds
+        inside = ((u >= qmin) & (u <= qmax)).to(grad.dtype)
+        return (grad @ w_q.T) * inside, None, None, None, None, None, None
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, layer: QuantLinear):
+        super().__init__()
+        act, wq = layer.act, layer.w_quant
+        assert isinstance(act, LSQ) and act.bits == 8, "the int8 GEMM needs 8-bit activation codes"
+        with torch.no_grad():
+            codes = wq.codes(layer.weight).to(torch.int8).T.contiguous()
+            self.register_buffer("w_codes_t", codes)
+            self.register_buffer("s_w", wq.scale().detach().clone().reshape(-1))
+            self.register_buffer("s_x", act.scale().detach().clone().reshape(()))
+            self.register_buffer("bias", layer.bias.detach().clone() if layer.bias is not None
+                                 else torch.zeros(layer.out_features))
+        self.qmin, self.qmax, self.zp = act.qmin, act.qmax, 0 if act.signed else 128
+
+    def forward(self, x):
+        y = _Int8Matmul.apply(x, self.w_codes_t, self.s_x, self.s_w, self.qmin, self.qmax, self.zp)
+        return y + self.bias
+
+
+class Int8WeightLinear(nn.Module):
+    """int8 weight codes with per-output-channel steps; float inputs (MDDQ-decoded vectors)."""
+
+    def __init__(self, layer: QuantLinear):
+        super().__init__()
+        wq = layer.w_quant
+        with torch.no_grad():
+            self.register_buffer("w_codes", wq.codes(layer.weight).to(torch.int8))
+            self.register_buffer("s_w", wq.scale().detach().clone().reshape(-1, 1))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.w_codes.to(x.dtype) * self.s_w, self.bias)
+
+
+def _convert(module: nn.Module, name: str, child: QuantLinear) -> None:
+    if isinstance(child.act, LSQ) and child.act.bits == 8:
+        setattr(module, name, Int8Linear(child))
+    elif isinstance(child.act, nn.Identity):
+        setattr(module, name, Int8WeightLinear(child))
+
+
+def to_int8(model: nn.Module, custom_ops: bool = True) -> nn.Module:
+    """A copy of a fake-quantized model with int8 weights and int8 GEMMs, and MDDQ and the robust
+    attention as custom operators (compiler.kernels; same outputs up to float summation order).
+    `custom_ops=False` keeps MDDQ and attention as generic operators (targets with no TIR kernels
+    for them: GPUs)."""
+    from .ops.attention import L2AttentionKernel
+    from .ops.mddq import MDDQKernel
+
+    out = copy.deepcopy(model).eval()
+    for layer in out.modules() if custom_ops else ():
+        if isinstance(layer, InteractionLayer) and layer.attention == "l2norm" and _fixed_grid(layer.hooks):
+            layer.fused_attention = L2AttentionKernel()
+    for module in list(out.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, QuantLinear):
+                _convert(module, name, child)
+            elif isinstance(child, MDDQ) and child.enabled and custom_ops:
+                setattr(module, name, MDDQKernel(child))
+    return out
+
+
+def _fixed_grid(hooks) -> bool:
+    return all(isinstance(h, FixedGrid) and h.enabled for h in (hooks.query, hooks.key))
+
+
+def int8_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a deployed int8 model stores (int8 codes, float steps and biases)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+               if t.dtype != torch.bool)

@@ -1,0 +1,182 @@
+"""So3krates-style SO(3)-equivariant graph transformer: invariant (l=0) and vector (l=1) features.
+
+Per layer, for each directed edge j -> i within the cutoff:
+  attention  a_ij = fc(r_ij) exp(t_ij - m) / (sum_k fc(r_ik) exp(t_ik - m) + exp(-m))
+             t_ij = tau_h <q_i/|q_i|, k_j/|k_j|>   (robust: L2-normalized q, k, learned temperature)
+                  or <q_i, k_j>/sqrt(d_h)          (plain scaled dot product, for the ablation)
+             (the exp(-m) term is an attention sink with logit 0: isolated atoms and atoms whose
+             neighbors leave the cutoff stay smooth; m is a detached per-head max for stability)
+  messages   s_i += sum_j a_ij phi_s(r_ij) * Vs s_j
+             v_i += sum_j a_ij [phi_r(r_ij) * Vr s_j] u_ij + a_ij phi_v(r_ij) * (W v_j)
+  update     PaiNN-style gated mixing of s and v (norms and inner products of vectors are invariant).
+Energy: per-atom MLP on s, scaled, plus per-element shifts, summed per molecule. Forces = -dE/dx.
+Vectors are stored as (N, 3, F) so that channel mixing (Linear over F) commutes with rotations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .batch import Batch
+
+
+@dataclass
+class ModelConfig:
+    species: tuple[int, ...] = (1, 6, 7, 8, 9)
+    channels: int = 64  # scalar channels = vector channels
+    layers: int = 6
+    heads: int = 4
+    n_rbf: int = 20
+    cutoff: float = 5.0
+    attention: str = "l2norm"  # "l2norm" (robust) or "dot" (plain scaled dot product)
+    tau_init: float = 4.0
+    energy_scale: float = 1.0  # eV, set from data (force RMS)
+    energy_shift: list[float] = field(default_factory=list)  # eV per species, set from data
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["species"] = tuple(d["species"])
+        return cls(**d)
+
+
+def polynomial_cutoff(r: torch.Tensor, cutoff: float, p: int = 6) -> torch.Tensor:
+    """Smooth envelope (NequIP, p=6): 1 at r=0, value and first two derivatives 0 at r=cutoff."""
+    x = (r / cutoff).clamp(max=1.0)
+    return (1.0 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2))
+
+
+class GaussianRBF(nn.Module):
+    def __init__(self, n: int, cutoff: float):
+        super().__init__()
+        self.register_buffer("centers", torch.linspace(0.0, cutoff, n))
+        self.gamma = 0.5 / (cutoff / (n - 1)) ** 2
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-self.gamma * (r[:, None] - self.centers) ** 2)
+
+
+def mlp(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.SiLU(), nn.Linear(n_hidden, n_out))
+
+
+def segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """out[index[e]] += values[e] (the aggregation over neighbors / atoms)."""
+    return torch.zeros((n,) + values.shape[1:], dtype=values.dtype, device=values.device).index_add(0, index, values)
+
+
+class Hooks(nn.Module):
+    """Points where quantizers attach (identity in fp32). The quant module swaps these in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.scalar = nn.Identity()  # invariant node features passed to the next layer (N, F)
+        self.vector = nn.Identity()  # l=1 node features passed to the next layer (N, 3, F)
+        self.query = nn.Identity()  # normalized q (E, H, d)
+        self.key = nn.Identity()  # normalized k (E, H, d)
+
+
+class InteractionLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        F, H = cfg.channels, cfg.heads
+        assert F % H == 0, "channels must be divisible by heads"
+        self.F, self.H, self.attention = F, H, cfg.attention
+        self.q = nn.Linear(F, F, bias=False)
+        self.k = nn.Linear(F, F, bias=False)
+        self.log_tau = nn.Parameter(torch.full((H,), math.log(cfg.tau_init)))
+        self.filter = mlp(cfg.n_rbf, F, 3 * F)  # phi_s, phi_r, phi_v
+        self.value = nn.Linear(F, 2 * F)  # Vs s, Vr s
+        self.vec_value = nn.Linear(F, F, bias=False)  # W v (no bias: equivariance)
+        self.vec_uv = nn.Linear(F, 2 * F, bias=False)
+        self.update = mlp(2 * F, F, 3 * F)
+        self.hooks = Hooks()
+
+    def attention_weights(self, s, src, dst, fc, n_atoms):
+        E, H, d = src.shape[0], self.H, self.F // self.H
+        if getattr(self, "fused_attention", None) is not None:  # deployment: one custom operator
+            return self.fused_attention(self.q(s).view(-1, H, d), self.k(s).view(-1, H, d), src, dst, fc, self.log_tau)
+        q, k = self.q(s)[dst].view(E, H, d), self.k(s)[src].view(E, H, d)
+        if self.attention == "l2norm":
+            q = self.hooks.query(q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-12))
+            k = self.hooks.key(k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-12))
+            logits = torch.exp(self.log_tau) * (q * k).sum(-1)
+        else:
+            logits = (q * k).sum(-1) / math.sqrt(d)
+        m = logits.detach().amax(0).clamp(min=0.0) if E else logits.new_zeros(H)  # (H,)
+        w = fc[:, None] * torch.exp(logits - m)
+        denom = segment_sum(w, dst, n_atoms) + torch.exp(-m)  # sink: logit 0, value 0
+        return w / denom[dst]  # (E, H)
+
+    def forward(self, s, v, src, dst, u, rbf, fc):
+        N, F, H = s.shape[0], self.F, self.H
+        alpha = self.attention_weights(s, src, dst, fc, N).repeat_interleave(F // H, dim=1)  # (E, F)
+        phi_s, phi_r, phi_v = self.filter(rbf).split(F, dim=-1)
+        val_s, val_r = self.value(s)[src].split(F, dim=-1)
+        msg_s = alpha * phi_s * val_s
+        msg_v = (alpha * phi_r * val_r)[:, None, :] * u[:, :, None] + (alpha * phi_v)[:, None, :] * self.vec_value(v)[src]
+        s = s + segment_sum(msg_s, dst, N)  # neighbor sums stay in accumulator precision
+        v = v + segment_sum(msg_v, dst, N)
+        uv, vv = self.vec_uv(v).split(F, dim=-1)
+        a_vv, a_sv, a_ss = self.update(torch.cat([s, torch.sqrt((vv * vv).sum(1) + 1e-8)], -1)).split(F, dim=-1)
+        v = self.hooks.vector(v + a_vv[:, None, :] * uv)
+        s = self.hooks.scalar(s + a_ss + a_sv * (uv * vv).sum(1))
+        return s, v
+
+
+class So3krates(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_species = len(cfg.species)
+        self.embed = nn.Embedding(n_species, cfg.channels)
+        self.rbf = GaussianRBF(cfg.n_rbf, cfg.cutoff)
+        self.layers = nn.ModuleList(InteractionLayer(cfg) for _ in range(cfg.layers))
+        self.head = mlp(cfg.channels, cfg.channels, 1)
+        self.register_buffer("energy_scale", torch.tensor(float(cfg.energy_scale)))
+
+    def atomic_energies(self, species, pos, src, dst):
+        vec = pos[src] - pos[dst]  # r_ij, from receiving atom i=dst to neighbor j=src
+        r = torch.sqrt((vec * vec).sum(-1))
+        u = vec / r[:, None]
+        fc = polynomial_cutoff(r, self.cfg.cutoff)
+        rbf = self.rbf(r) * fc[:, None]
+        s = self.embed(species)
+        v = s.new_zeros(s.shape[0], 3, s.shape[1])
+        for layer in self.layers:
+            s, v = layer(s, v, src, dst, u, rbf, fc)
+        return self.head(s).squeeze(-1) * self.energy_scale
+
+    def forward(self, species, pos, mol, src, dst, n_mol: int):
+        """Interaction energy per molecule (eV), without the per-element shifts (see reference_energy)."""
+        return segment_sum(self.atomic_energies(species, pos, src, dst), mol, n_mol)
+
+    def reference_energy(self, batch: Batch) -> torch.Tensor:
+        """Sum of per-element shifts per molecule, in float64 (totals of ~1e4 eV lose meV in float32)."""
+        shift = torch.tensor(self.cfg.energy_shift or [0.0] * len(self.cfg.species), dtype=torch.float64)
+        shift = shift[batch.species]
+        return segment_sum(shift, batch.mol, batch.n_mol)
+
+
+def energy_and_forces(model: So3krates, batch: Batch, create_graph: bool = False):
+    """Interaction energy per molecule (eV, add model.reference_energy for the total) and forces -dE/dx (eV/Å)."""
+    pos = batch.pos.detach().requires_grad_(True)
+    energy = model(batch.species, pos, batch.mol, batch.src, batch.dst, batch.n_mol)
+    (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+    return energy, -grad
+
+
+def fit_energy_shift(numbers_per_frame: list, energies, species: tuple[int, ...]) -> list[float]:
+    """Per-element shifts by minimum-norm least squares of E on element counts."""
+    import numpy as np
+
+    counts = np.array([[np.sum(z == s) for s in species] for z in numbers_per_frame], dtype=np.float64)
+    shift, *_ = np.linalg.lstsq(counts, np.asarray(energies, np.float64), rcond=None)
+    return shift.tolist()

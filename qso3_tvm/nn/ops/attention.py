@@ -1,0 +1,85 @@
+"""Robust (L2-normalized) attention as one torch custom operator `qso3::l2_attention` (compiled to one
+TIR kernel by compiler.kernels.attention): per-atom normalization and int8 codes of
+q and k, int8 q̂·k̂ products with int32 accumulation, temperature, the cutoff-weighted segment
+softmax over each atom's neighbors (with its attention sink) — one TIR kernel instead of ~25
+generic operators and three edge-sized intermediates.
+
+    q̂_n = codes(q_n / |q_n|), codes(x) = floor(127 clamp(x, -1, 1) + 0.5)   (int8, per atom and head)
+    t_e = τ_h (q̂_dst · k̂_src) / 127²        (int8 × int8 -> int32, exact)
+    m_h = max(0, max_e t_e)                  (stability shift, no gradient: as in the model)
+    w_e = fc_e exp(t_e - m_h),  α_e = w_e / (Σ_{e' -> dst_e} w_e' + exp(-m_h))
+
+This equals model.InteractionLayer.attention_weights with FixedGrid q̂/k̂ (normalizing per atom then
+gathering gives the same values as gathering then normalizing). The backward (forces) is the
+straight-through vector-Jacobian product written with torch operators in `_backward`: it is traced
+into the exported graph and compiled as generic fused kernels (no second custom kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import segment_sum
+from ..quant import DIRECTION_LEVELS
+
+NORM_EPS = 1e-12
+
+
+def _codes(x):
+    u = x * torch.rsqrt((x * x).sum(-1, keepdim=True) + NORM_EPS)
+    return torch.floor(u.clamp(-1.0, 1.0) * DIRECTION_LEVELS + 0.5), u
+
+
+def _softmax_parts(q, k, src, dst, fc, tau):
+    """int8 codes and unit vectors of q, k; exp(t - m) per edge; the neighbor sums with the sink."""
+    (cq, uq), (ck, uk) = _codes(q), _codes(k)
+    t = tau * (cq[dst] * ck[src]).sum(-1) / DIRECTION_LEVELS**2  # (E, H)
+    m = t.amax(0).clamp(min=0.0)
+    e_t = torch.exp(t - m)
+    denom = segment_sum(fc[:, None] * e_t, dst, q.shape[0]) + torch.exp(-m)
+    return cq, uq, ck, uk, e_t, denom
+
+
+@torch.library.custom_op("qso3::l2_attention", mutates_args=())
+def l2_attention(q: torch.Tensor, k: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, fc: torch.Tensor,
+                 tau: torch.Tensor) -> torch.Tensor:
+    """α (E, H) from per-atom q, k (N, H, d), edges src -> dst, cutoff weights fc (E,), τ (H,)."""
+    *_, e_t, denom = _softmax_parts(q, k, src, dst, fc, tau)
+    return fc[:, None] * e_t / denom[dst]
+
+
+@l2_attention.register_fake
+def _(q, k, src, dst, fc, tau):
+    return q.new_empty((src.shape[0], q.shape[1]))
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output)
+
+
+def _backward(ctx, g_alpha):
+    q, k, src, dst, fc, tau, alpha = ctx.saved_tensors
+    n = q.shape[0]
+    cq, uq, ck, uk, e_t, denom = _softmax_parts(q, k, src, dst, fc, tau)
+    g_w = (g_alpha - segment_sum(g_alpha * alpha, dst, n)[dst]) / denom[dst]  # softmax-with-sink VJP
+    g_t = g_w * fc[:, None] * e_t
+    g_fc = (g_w * e_t).sum(-1)
+    g_qhat = segment_sum((g_t * tau)[..., None] * ck[src] / DIRECTION_LEVELS, dst, n)  # STE: codes/127 ~ q̂
+    g_khat = segment_sum((g_t * tau)[..., None] * cq[dst] / DIRECTION_LEVELS, src, n)
+    return _norm_vjp(g_qhat, q, uq), _norm_vjp(g_khat, k, uk), None, None, g_fc, None
+
+
+def _norm_vjp(g, x, u):
+    """VJP of u = x / sqrt(|x|² + ε) (clamp to [-1, 1] passes the gradient: |u| <= 1)."""
+    return (g - u * (g * u).sum(-1, keepdim=True)) * torch.rsqrt((x * x).sum(-1, keepdim=True) + NORM_EPS)
+
+
+l2_attention.register_autograd(_backward, setup_context=_setup)
+
+
+class L2AttentionKernel(nn.Module):
+    """Deployment form of a layer's l2norm attention with fixed-grid q̂, k̂ (see quant.FixedGrid)."""
+
+    def forward(self, q, k, src, dst, fc, log_tau):
+        return torch.ops.qso3.l2_attention(q, k, src, dst, fc, torch.exp(log_tau))

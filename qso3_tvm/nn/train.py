@@ -1,0 +1,246 @@
+"""fp32 training on energies and forces: 950/50 split of the rMD17 train frames, EMA weights,
+best checkpoint by validation force MAE, resume after interrupt.
+
+Loss = w_e * mean((ΔE / n_atoms)²) + w_f * mean(ΔF²), in eV and eV/Å.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.spatial.transform import Rotation
+from tqdm import tqdm
+
+from ..errors import QSO3Error
+from ..graph.datasets import load_dataset
+from ..graph.molecules import MoleculeSet
+from .batch import Batch, make_batch
+from .checkpoint import atomic_save, model_payload, save_model
+from .model import ModelConfig, So3krates, energy_and_forces, fit_energy_shift
+
+
+@dataclass
+class TrainConfig:
+    data: str = "ethanol"
+    out: str = "runs/ethanol"
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 2e-3
+    lr_min_factor: float = 0.02  # cosine decay to lr * this
+    energy_weight: float = 1.0
+    force_weight: float = 100.0
+    n_train: int = 950
+    n_val: int = 50
+    ema_decay: float = 0.99
+    seed: int = 0
+    max_minutes: float = 0.0  # stop after this wall time (0: no limit); the cosine still spans `epochs`
+    threads: int = 0  # torch threads (0: torch default)
+    rotate: bool = False  # random rotation of every training batch (QAT: quantized models are not exactly equivariant)
+    lee_weight: float = 0.0  # weight of the LEE penalty mean ‖Rᵀ F(R x) − F(x)‖² in (meV/Å)²
+
+
+def split_indices(cfg: TrainConfig, mols: MoleculeSet) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed-seed train/validation split (950/50 of the rMD17 train frames by default)."""
+    if len(mols) < cfg.n_train + cfg.n_val:
+        raise QSO3Error(f"{cfg.data}: {len(mols)} frames, fewer than n_train + n_val = {cfg.n_train + cfg.n_val}")
+    if mols.energies is None:
+        raise QSO3Error(f"{cfg.data}: training needs energies")
+    perm = np.random.default_rng(cfg.seed).permutation(len(mols))
+    return perm[:cfg.n_train], perm[cfg.n_train:cfg.n_train + cfg.n_val]
+
+
+def fit_output_scaling(model_cfg: ModelConfig, mols: MoleculeSet, train_idx) -> None:
+    """Per-element energy shifts and the output scale (force RMS) from the training frames."""
+    frames = [mols.frame(i)[0] for i in train_idx]
+    model_cfg.energy_shift = fit_energy_shift(frames, mols.energies[train_idx], model_cfg.species)
+    if mols.forces is not None:
+        model_cfg.energy_scale = float(np.sqrt(np.mean(mols.forces ** 2)))
+    else:  # energy-only data (QM9): RMS of the per-atom residual after the shifts
+        shift = np.array(model_cfg.energy_shift)
+        resid = [(mols.energies[i] - shift[np.searchsorted(model_cfg.species, z)].sum()) / len(z)
+                 for i, z in zip(train_idx, frames)]
+        model_cfg.energy_scale = float(np.sqrt(np.mean(np.square(resid))))
+
+
+def rotate_batch(batch: Batch, rng: np.random.Generator | None = None, rot: torch.Tensor | None = None) -> Batch:
+    """The batch rotated by `rot` (or a random rotation) about the origin; forces rotate with it."""
+    if rot is None:
+        rot = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=batch.pos.dtype)
+    return dataclasses.replace(batch, pos=batch.pos @ rot.T,
+                               forces=None if batch.forces is None else batch.forces @ rot.T)
+
+
+class Trainer:
+    """Holds model, EMA copy, optimizer and schedule; `fit` runs epochs and checkpoints each one."""
+
+    def __init__(self, cfg: TrainConfig, model: So3krates, mols: MoleculeSet, param_groups=None, on_epoch=None):
+        self.cfg, self.out, self.mols = cfg, Path(cfg.out), mols
+        self.train_idx, self.val_idx = split_indices(cfg, mols)
+        self.model = model
+        self.on_epoch = on_epoch or (lambda model, epoch: None)  # e.g. the QAT stage switch
+        self.on_epoch(self.model, 0)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(param_groups or self.model.parameters(), lr=cfg.lr, weight_decay=0.0, amsgrad=True)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.epoch, self.best = 0, math.inf
+        self.val_batches = [self._batch(self.val_idx[i:i + 32]) for i in range(0, len(self.val_idx), 32)]
+
+    def _lr_factor(self, epoch: int) -> float:
+        t = min(epoch / max(self.cfg.epochs, 1), 1.0)
+        f = self.cfg.lr_min_factor
+        return f + (1 - f) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def _batch(self, idx) -> Batch:
+        return make_batch(self.mols, idx, self.model.cfg.species, self.model.cfg.cutoff)
+
+    def loss(self, model: So3krates, batch: Batch, create_graph: bool, rng: np.random.Generator | None = None):
+        if rng is not None and self.cfg.rotate:
+            batch = rotate_batch(batch, rng)
+        if batch.forces is None:  # energy-only data
+            e = model(batch.species, batch.pos, batch.mol, batch.src, batch.dst, batch.n_mol)
+            target_e = (batch.energy.double() - model.reference_energy(batch)).float()
+            return self.cfg.energy_weight * (((e - target_e) / batch.n_atoms) ** 2).mean(), e - target_e, e.new_zeros(0)
+        e, f = energy_and_forces(model, batch, create_graph=create_graph)
+        target_e = (batch.energy.double() - model.reference_energy(batch)).float()
+        n_atoms = batch.n_atoms.to(e.dtype)
+        loss_e = (((e - target_e) / n_atoms) ** 2).mean()
+        loss_f = ((f - batch.forces) ** 2).mean()
+        total = self.cfg.energy_weight * loss_e + self.cfg.force_weight * loss_f
+        if rng is not None and self.cfg.lee_weight:
+            rot = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=f.dtype)
+            _, f_rot = energy_and_forces(model, rotate_batch(batch, rot=rot), create_graph=create_graph)
+            total = total + self.cfg.lee_weight * 1e6 * ((f_rot @ rot - f) ** 2).sum(-1).mean()  # (meV/Å)²
+        return total, e - target_e, f - batch.forces
+
+    def train_epoch(self, bar) -> float:
+        self.on_epoch(self.model, self.epoch)
+        self.on_epoch(self.ema, self.epoch)
+        self.model.train()
+        rng = np.random.default_rng(self.cfg.seed * 100_003 + self.epoch)
+        order = rng.permutation(self.train_idx)
+        total = 0.0
+        for i in range(0, len(order), self.cfg.batch_size):
+            batch = self._batch(order[i:i + self.cfg.batch_size])
+            loss, *_ = self.loss(self.model, batch, create_graph=True, rng=rng)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+            self.opt.step()
+            loss = loss.detach()
+            with torch.no_grad():
+                for pe, p in zip(self.ema.parameters(), self.model.parameters()):
+                    pe.lerp_(p, 1 - self.cfg.ema_decay)
+            total += float(loss)
+            bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+        self.sched.step()
+        return total / math.ceil(len(order) / self.cfg.batch_size)
+
+    def validate(self) -> tuple[float, float]:
+        """Validation MAE of the EMA model: energy (meV), forces (meV/Å)."""
+        de, df = [], []
+        for b in self.val_batches:
+            _, e_err, f_err = self.loss(self.ema, b, create_graph=False)
+            de.append(e_err.detach().abs()), df.append(f_err.detach().abs())
+        val_f = float(torch.cat(df).mean() * 1e3) if self.mols.forces is not None else math.nan
+        return float(torch.cat(de).mean() * 1e3), val_f
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "epoch": self.epoch, "best": self.best,
+                "config": self.model.cfg.to_dict(), "train": asdict(self.cfg),
+                "quant": model_payload(self.model).get("quant")}
+
+    def load_state(self, st: dict) -> None:
+        self.model.load_state_dict(st["model"]), self.ema.load_state_dict(st["ema"])
+        self.opt.load_state_dict(st["opt"]), self.sched.load_state_dict(st["sched"])
+        self.epoch, self.best = st["epoch"], st["best"]
+        self.on_epoch(self.model, self.epoch), self.on_epoch(self.ema, self.epoch)
+
+    def fit(self) -> dict:
+        start = time.time()
+        log_path = self.out / "log.csv"
+        bar = tqdm(total=self.cfg.epochs, initial=self.epoch, desc="train", unit="epoch")
+        while self.epoch < self.cfg.epochs:
+            train_loss = self.train_epoch(bar)
+            self.epoch += 1
+            val_e, val_f = self.validate()
+            score = val_f if self.mols.forces is not None else val_e  # energy-only data: select on energy
+            if score < self.best:
+                self.best = score
+                save_model(self.out / "best.pt", self.ema, epoch=self.epoch, val_energy_mae_mev=val_e,
+                           val_force_mae_mev_per_a=val_f, data=self.cfg.data)
+            atomic_save(self.state(), self.out / "last.pt")
+            new = not log_path.exists()
+            with open(log_path, "a", newline="") as fh:
+                w = csv.writer(fh)
+                if new:
+                    w.writerow(["epoch", "lr", "train_loss", "val_energy_mae_mev", "val_force_mae_mev_per_a", "seconds"])
+                w.writerow([self.epoch, self.sched.get_last_lr()[0], train_loss, val_e, val_f, time.time() - start])
+            bar.set_postfix(loss=f"{train_loss:.4g}", val_E=f"{val_e:.2f}", val_F=f"{val_f:.2f}")
+            bar.update(1)
+            if self.cfg.max_minutes and time.time() - start > 60 * self.cfg.max_minutes:
+                break
+        bar.close()
+        key = "best_val_force_mae_mev_per_a" if self.mols.forces is not None else "best_val_energy_mae_mev"
+        return {"epochs": self.epoch, key: self.best, "seconds": time.time() - start}
+
+
+def start_run(cfg: TrainConfig, resume: bool) -> dict | None:
+    """Set torch threads; the state of an interrupted run (out/last.pt) when resuming, else None."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    last = Path(cfg.out) / "last.pt"
+    return torch.load(last, map_location="cpu", weights_only=True) if resume and last.exists() else None
+
+
+def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = True) -> dict:
+    """Train fp32 (or resume from out/last.pt) and return a summary; best EMA weights in out/best.pt."""
+    mols = load_dataset(cfg.data, "train")
+    state = start_run(cfg, resume)
+    if state is not None:
+        model_cfg = ModelConfig.from_dict(state["config"])
+    else:
+        model_cfg = model_cfg or ModelConfig()
+        fit_output_scaling(model_cfg, mols, split_indices(cfg, mols)[0])
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, So3krates(model_cfg), mols)
+    if state is not None:
+        trainer.load_state(state)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return trainer.fit()
+
+
+def train_qat(cfg: TrainConfig, fp32_model: str, qcfg, resume: bool = True) -> dict:
+    """Quantization-aware training from an fp32 checkpoint (see nn.quant); best EMA in out/best.pt."""
+    from .checkpoint import build_model, load_model
+    from .quant import param_groups, quantize_model, set_stage
+
+    state = start_run(cfg, resume)
+    base = None if state is not None else load_model(fp32_model)  # model errors before reading data
+    if base is not None and getattr(base, "quant_cfg", None) is not None:
+        raise QSO3Error(f"{fp32_model} is already quantized: quantize starts from an fp32 checkpoint")
+    mols = load_dataset(cfg.data, "train")
+    train_idx, _ = split_indices(cfg, mols)
+    if state is not None:
+        model = build_model(state["config"], state["quant"])
+    else:
+        model = quantize_model(base, qcfg)
+        with torch.no_grad():  # calibrate every quantizer's step on training frames before staging
+            batch = make_batch(mols, train_idx[:32], model.cfg.species, model.cfg.cutoff)
+            model(batch.species, batch.pos, batch.mol, batch.src, batch.dst, batch.n_mol)
+    qcfg = model.quant_cfg
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, model, mols, param_groups=param_groups(model, qcfg),
+                      on_epoch=lambda m, epoch: set_stage(m, epoch, qcfg))
+    if state is not None:
+        trainer.load_state(state)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return trainer.fit()

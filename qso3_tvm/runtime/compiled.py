@@ -1,0 +1,83 @@
+"""Run a compiled artifact (library + manifest.json) on this machine: energies and forces.
+
+Needs the TVM runtime and numpy only (no torch, no compiler): the calling convention is in
+graph.convention.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BucketError
+from ..graph.convention import call_arrays, read_manifest
+from ..graph.molecules import MoleculeSet
+from ..graph.neighbors import species_index
+
+
+class CompiledModel:
+    """A compiled energy+forces module: loaded here (`CompiledModel(path)`) or on a board over RPC
+    (runtime.remote.RemoteModel). Subclasses change where the module runs, not the numerics."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine  # runtime-only TVM installs have no tvm.relax
+
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.library = tvm.runtime.load_module(str(self.path / self.manifest["library"]))
+        self.device = tvm.cuda() if device == "cuda" else tvm.cpu()
+        self.vm = VirtualMachine(self.library, self.device)
+
+    @property
+    def species(self) -> tuple[int, ...]:
+        return tuple(self.manifest["model"]["species"])
+
+    @property
+    def cutoff(self) -> float:
+        return float(self.manifest["model"]["cutoff"])
+
+    def inputs(self, mols: MoleculeSet, frames) -> tuple[list, MoleculeSet]:
+        """Device tensors for the frames plus a ghost molecule, and the padded frame set."""
+        import tvm
+
+        arrays, padded = call_arrays(mols, frames, self.species, self.cutoff,
+                                     self.manifest["inputs"].get("buckets"), str(self.path))
+        return [tvm.runtime.tensor(a, self.device) for a in arrays], padded
+
+    def call(self, args) -> tuple[np.ndarray, np.ndarray]:
+        energy, forces = self.vm["main"](*args)
+        return energy.numpy(), forces.numpy()
+
+    def run_batch(self, mols: MoleculeSet, frames) -> tuple[np.ndarray, np.ndarray]:
+        """Total energies (eV, float64) and forces (eV/Å) of the frames, in order."""
+        args, padded = self.inputs(mols, frames)
+        energy, forces = self.call(args)
+        energy = energy[:len(padded)]  # a bucket's empty molecule slots come after the ghost
+        shift = np.asarray(self.manifest["model"]["energy_shift"] or [0.0] * len(self.species), np.float64)
+        shift = np.add.reduceat(shift[species_index(padded.numbers, self.species)], padded.offsets[:-1])
+        n_real = int(padded.offsets[-2])
+        return (energy.astype(np.float64) + shift)[:-1], forces[:n_real].astype(np.float64)
+
+    def energy_forces(self, numbers: np.ndarray, positions: np.ndarray) -> tuple[float, np.ndarray]:
+        e, f = self.run_batch(MoleculeSet.from_molecules([(numbers, positions)]), [0])
+        return float(e[0]), f
+
+    def forces_fn(self):
+        return lambda numbers, pos: self.energy_forces(numbers, pos)[1]
+
+    def predict(self, mols: MoleculeSet, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        energies, forces = [], []
+        chunks = [list(range(start, min(start + batch_size, len(mols)))) for start in range(0, len(mols), batch_size)]
+        while chunks:
+            frames = chunks.pop(0)
+            try:
+                e, f = self.run_batch(mols, frames)
+            except BucketError:
+                if len(frames) == 1:
+                    raise
+                chunks[:0] = [frames[: len(frames) // 2], frames[len(frames) // 2:]]  # smaller calls fit a bucket
+                continue
+            energies.append(e), forces.append(f)
+        return np.concatenate(energies), np.concatenate(forces)
