@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -20,10 +22,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def user_errors(fn):
-    """Turn QSO3Error (bad input) into one line on stderr and exit code 2."""
+    """Turn QSO3Error (bad input) into one line on stderr and exit code 2; SIGTERM cleans up as Ctrl-C does
+    (boards, trackers and workers stopped, no half-written output)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        terminate_as_interrupt()
         try:
             return fn(*args, **kwargs)
         except QSO3Error as e:
@@ -31,6 +35,15 @@ def user_errors(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM raises KeyboardInterrupt (signals can only be set in the main thread)."""
+    if threading.current_thread() is threading.main_thread():
+        def _interrupt(*_):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 @app.command()

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..files import atomic_write
 from ..nn.checkpoint import load_model
 from ..nn.quant import weight_bytes
 
@@ -83,9 +84,7 @@ def merge_json(out: Path, rows: list[dict]) -> None:
     """Replace rows of the same name in `out` (written atomically after every finished row)."""
     old = json.loads(out.read_text()) if out.exists() else []
     names = {r["row"] for r in rows}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps([r for r in old if r["row"] not in names] + rows, indent=1))
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps([r for r in old if r["row"] not in names] + rows, indent=1))
 
 
 def quantization_report(molecule: str, runs: Path, common: list[str], lee_frames: int, max_frames: int,

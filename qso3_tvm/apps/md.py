@@ -246,6 +246,7 @@ def run_md(atoms, calc, cfg: MDConfig, outdir: str | Path, meta: dict | None = N
     from ase.io import write
 
     n_steps, outdir = cfg.n_steps(), Path(outdir)
+    check_outdir(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "summary.json").unlink(missing_ok=True)  # never leave a stale summary beside new files
     atoms = atoms.copy()
@@ -259,21 +260,51 @@ def run_md(atoms, calc, cfg: MDConfig, outdir: str | Path, meta: dict | None = N
     dyn = make_dynamics(atoms, cfg)
     monitor = Monitor(atoms, dyn, cfg)
     dyn.attach(monitor.record, interval=cfg.log_every)
-    aborted, start = None, time.perf_counter()
+    start = time.perf_counter()
     with atomic_path(outdir / "traj.extxyz") as traj_tmp, open(traj_tmp, "w") as traj:
         dyn.attach(lambda: write(traj, atoms, format="extxyz"), interval=cfg.traj_every)
-        progress = max(1, n_steps // 10)
-        try:
-            for _ in dyn.irun(n_steps):
-                if dyn.nsteps % progress == 0 and dyn.nsteps:
-                    log(f"step {dyn.nsteps}/{n_steps}  Etot {monitor.rows[-1][4]:.6f} eV  T {monitor.rows[-1][5]:.0f} K")
-        except QSO3Error as e:  # the molecule broke (NaN, overlapping atoms): a result, not a crash
-            aborted = f"step {dyn.nsteps}: {e}"
-            kind = "nan" if "NaN" in str(e) else "close_contact" if "Å apart" in str(e) else None
-            if kind:
-                monitor.flag(kind, dyn.nsteps, ps(dyn), str(e))
+        aborted, failure = run_steps(dyn, monitor, n_steps, log)
     wall = time.perf_counter() - start
-    return finish(monitor, cfg, outdir, n_steps, wall, aborted, {**(meta or {}), "backend": calc.backend}, log)
+    summary = finish(monitor, cfg, outdir, n_steps, wall, aborted, {**(meta or {}), "backend": calc.backend}, log)
+    if isinstance(failure, KeyboardInterrupt):
+        raise failure
+    if failure is not None:  # the backend broke (a board died, a session ended): the finished steps are kept
+        raise QSO3Error(f"MD stopped at step {summary['steps_done']}: {aborted}; the finished steps are in {outdir}")
+    return summary
+
+
+OUTPUT_FILES = ("traj.extxyz", "log.csv", "energy.png", "summary.json")
+
+
+def check_outdir(outdir: Path) -> None:
+    """MD writes only into a new or empty folder or over an earlier run's files: never over other files."""
+    if outdir.exists() and not outdir.is_dir():
+        raise QSO3Error(f"output {outdir} exists and is not a folder")
+    ours = lambda name: name in OUTPUT_FILES or (name.startswith(".") and name.endswith(".tmp"))  # noqa: E731
+    foreign = sorted(p.name for p in outdir.iterdir() if not ours(p.name)) if outdir.is_dir() else []
+    if foreign:
+        raise QSO3Error(f"output folder {outdir} holds files an MD run did not write ({', '.join(foreign[:5])}): "
+                        "choose a new or empty folder for -o")
+
+
+def run_steps(dyn, monitor, n_steps: int, log) -> tuple[str | None, BaseException | None]:
+    """Step the dynamics; returns (why it stopped early or None, the exception to raise after saving)."""
+    progress = max(1, n_steps // 10)
+    try:
+        for _ in dyn.irun(n_steps):
+            if dyn.nsteps % progress == 0 and dyn.nsteps:
+                log(f"step {dyn.nsteps}/{n_steps}  Etot {monitor.rows[-1][4]:.6f} eV  T {monitor.rows[-1][5]:.0f} K")
+    except QSO3Error as e:  # the molecule broke (NaN, overlapping atoms): a result, not a crash
+        kind = "nan" if "NaN" in str(e) else "close_contact" if "Å apart" in str(e) else None
+        if kind:
+            monitor.flag(kind, dyn.nsteps, ps(dyn), str(e))
+            return f"step {dyn.nsteps}: {e}", None
+        return f"step {dyn.nsteps}: {e}", e
+    except KeyboardInterrupt as e:
+        return f"step {dyn.nsteps}: interrupted", e
+    except Exception as e:  # the backend failed (RPC session lost, board died)
+        return f"step {dyn.nsteps}: backend failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})", e
+    return None, None
 
 
 def finish(monitor: Monitor, cfg: MDConfig, outdir: Path, n_steps: int, wall: float, aborted, meta: dict, log) -> dict:
@@ -303,6 +334,7 @@ def run(model: str, data: str, cfg: MDConfig, outdir: str | Path, frame: int = 0
         tracker: str | None = None, key: str | None = None, threads: int = 0, log=print) -> dict:
     """`qso3-tvm md`: start geometry from `data`, calculator from `model`, MD into `outdir`."""
     cfg.n_steps()  # flag errors before loading anything
+    check_outdir(Path(outdir))
     atoms = load_start(data, frame)
     calc = make_calculator(model, rpc, tracker, key, threads)
     meta = {"model": str(model), "data": str(data), "frame": frame}

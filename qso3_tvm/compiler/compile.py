@@ -24,7 +24,7 @@ import torch
 from .. import __version__
 from ..errors import QSO3Error
 from ..files import sha256
-from ..graph.convention import MANIFEST, dynamic_inputs, fits_buckets, max_errors, sample_set
+from ..graph.convention import MANIFEST, dynamic_inputs, fits_buckets, max_errors, sample_set, write_manifest
 from ..nn.checkpoint import load_model, precision, resolve_model_path
 from ..nn.int8 import int8_weight_bytes
 from ..nn.metrics import predict
@@ -165,7 +165,7 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
         else:
             info["parity"] = None
             log(f"parity check skipped: target {spec.name} does not run on this machine")
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
+        write_manifest(tmp, info)
         replace_dir(tmp, out)
     except BaseException:
         if tail(tmp / BUILD_LOG):
@@ -193,7 +193,7 @@ def _build_artifact(model, model_path: Path, spec: TargetSpec, tmp: Path, stages
 
 def check_parity(model, tmp: Path, info: dict, log) -> dict:
     """Compiled (run here) vs PyTorch on the sample molecules; QSO3Error above tolerance."""
-    (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
+    write_manifest(tmp, info)
     result = parity(model, tmp, info["reference"])
     tol_e, tol_f = tolerances(info["model"]["precision"])
     de, df = result["max_energy_error_mev"], result["max_force_error_mev_per_a"]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..errors import QSO3Error
 from ..resources import targets_dir
+from ..runtime.compiled import host_cpu_features
 
 
 @dataclass
@@ -35,16 +36,6 @@ class TargetSpec:
         if self.device != "cpu" or self.arch != platform.machine():
             return False
         return set(self.cpu_features) <= host_cpu_features()
-
-
-def host_cpu_features() -> set[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def presets() -> dict[str, TargetSpec]:

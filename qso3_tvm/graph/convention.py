@@ -18,6 +18,7 @@ The manifest's `inputs` section records which of the two a library is (`dynamic_
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BucketError, QSO3Error
+from ..files import sha256
 from .molecules import MoleculeSet
 from .neighbors import graph_arrays, radius_graph
 
@@ -188,14 +190,56 @@ def static_inputs(bucket: Bucket) -> dict:
                     "molecule; a call needs atoms+2, edges+2, molecules+1 slots"}
 
 
+REQUIRED_KEYS = {"format": str, "library": str, "library_sha256": str, "model": dict, "target": dict, "inputs": dict}
+REQUIRED_MODEL_KEYS = ("species", "cutoff", "precision")
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's own fields (canonical JSON without `manifest_sha256`)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """manifest.json with its checksum (`manifest_sha256`)."""
+    manifest["manifest_sha256"] = manifest_checksum(manifest)
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
 def read_manifest(path: Path) -> dict:
+    """The manifest of an artifact folder, checked: parseable, the keys the runtime needs, its checksum."""
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
         raise QSO3Error(f"{path}: not a compiled artifact (no {MANIFEST})")
     try:
-        return json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QSO3Error(f"{manifest_path}: corrupt manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise QSO3Error(f"{manifest_path}: corrupt manifest (not a JSON object)")
+    bad = [k for k, t in REQUIRED_KEYS.items() if not isinstance(manifest.get(k), t)]
+    bad += [f"model.{k}" for k in REQUIRED_MODEL_KEYS if isinstance(manifest.get("model"), dict) and k not in manifest["model"]]
+    if bad:
+        raise QSO3Error(f"{manifest_path}: manifest lacks or mistypes {bad} (not made by qso3-tvm compile, or edited)")
+    if manifest.get("manifest_sha256") != manifest_checksum(manifest):
+        raise QSO3Error(f"{manifest_path}: manifest checksum mismatch: it was edited after compile "
+                        "(or made by an older qso3-tvm): recompile the artifact")
+    return manifest
+
+
+def library_path(path: Path, manifest: dict) -> Path:
+    """The artifact's library, verified before anything loads it: a plain file inside the artifact folder
+    whose sha256 is the manifest's (a swapped, tampered or truncated library is refused)."""
+    name = manifest["library"]
+    if not name or name != Path(name).name or name in (".", ".."):
+        raise QSO3Error(f"{path}/{MANIFEST}: library {name!r} must be a plain file name inside the artifact folder")
+    lib = Path(path) / name
+    if lib.is_symlink() or not lib.is_file():
+        raise QSO3Error(f"{lib}: library missing or not a regular file")
+    if sha256(lib) != manifest["library_sha256"]:
+        raise QSO3Error(f"{lib}: sha256 differs from the manifest's: the library was changed or truncated after "
+                        "compile; refusing to load it (recompile the artifact)")
+    return lib
 
 
 def sample_molecules(species: tuple[int, ...]) -> list[tuple[str, np.ndarray, np.ndarray]]:

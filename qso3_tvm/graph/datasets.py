@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QSO3Error
+from ..files import atomic_path
 from .molecules import (
     ELEMENT_Z,
     HARTREE_TO_EV,
@@ -57,18 +58,27 @@ def load_rmd17(spec: str | Path, split: str = "train") -> MoleculeSet:
     """Load an rMD17 npz (kcal/mol, Å) into eV and eV/Å."""
     path = resolve_rmd17(str(spec), split)
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in RMD17_KEYS if k not in npz.files]
             if missing:
                 raise QSO3Error(f"{path}: missing keys {missing}; an rMD17 file has {list(RMD17_KEYS)} (found {npz.files})")
             data = {k: npz[k] for k in RMD17_KEYS}
-    except (OSError, ValueError) as e:  # not a zip / not an npz
-        raise QSO3Error(f"{path}: not a readable .npz file ({e})") from None
-    z, coords = data["nuclear_charges"].astype(np.int64), data["coords"]
-    if coords.ndim != 3 or coords.shape[1:] != (len(z), 3) or data["forces"].shape != coords.shape:
-        raise QSO3Error(f"{path}: coords {coords.shape} / forces {data['forces'].shape} do not match {len(z)} atoms")
-    mols = MoleculeSet.from_frames(z, coords, data["energies"] * KCAL_MOL_TO_EV,
-                                   data["forces"] * KCAL_MOL_TO_EV, name=path.stem)
+    except QSO3Error:
+        raise
+    except Exception as e:  # not a zip, truncated, pickled objects: not a readable npz
+        raise QSO3Error(f"{path}: not a readable .npz file ({type(e).__name__}: {str(e)[:200]})") from None
+    try:
+        z = data["nuclear_charges"].astype(np.int64)
+        coords = data["coords"].astype(np.float64)
+        energies, forces = data["energies"].astype(np.float64).reshape(-1), data["forces"].astype(np.float64)
+    except (TypeError, ValueError) as e:
+        raise QSO3Error(f"{path}: nuclear_charges must be integers, coords/energies/forces numbers ({e})") from None
+    if z.ndim != 1 or len(z) == 0 or (z < 1).any() or (z > 118).any():
+        raise QSO3Error(f"{path}: nuclear_charges must be a non-empty list of atomic numbers 1..118")
+    if coords.ndim != 3 or coords.shape[1:] != (len(z), 3) or forces.shape != coords.shape or len(energies) != len(coords):
+        raise QSO3Error(f"{path}: coords {coords.shape} / forces {forces.shape} / energies {energies.shape} do not match "
+                        f"{len(z)} atoms")
+    mols = MoleculeSet.from_frames(z, coords, energies * KCAL_MOL_TO_EV, forces * KCAL_MOL_TO_EV, name=path.stem)
     validate(mols, source=str(path))
     return mols
 
@@ -105,10 +115,8 @@ def load_qm9(atomization: bool = True) -> MoleculeSet:
     cache = qm9_cache_path()
     if not cache.exists():
         arrays = _parse_qm9_csv(_qm9_csv_dir())
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, cache)  # never leave a half-written cache
+        with atomic_path(cache) as tmp, open(tmp, "wb") as fh:  # never leave a half-written cache
+            np.savez(fh, **arrays)
     with np.load(cache) as npz:
         numbers, offsets = npz["numbers"].astype(np.int64), npz["offsets"]
         energy_ha = npz["u0_ha"].copy()
@@ -137,7 +145,12 @@ def load_extxyz(path: str | Path) -> MoleculeSet:
         from ase.io import read
     except ImportError:
         raise QSO3Error("extxyz input needs ASE: pip install 'qso3-tvm[ase]'") from None
-    frames = read(path, index=":")
+    try:
+        frames = read(path, index=":", format="extxyz")
+    except Exception as e:  # ASE raises many kinds on malformed files
+        raise QSO3Error(f"{path}: not a readable extxyz file ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    if not frames:
+        raise QSO3Error(f"{path}: no frames")
     numbers = np.concatenate([a.numbers for a in frames]).astype(np.int64)
     positions = np.concatenate([a.positions for a in frames])
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in frames])]).astype(np.int64)

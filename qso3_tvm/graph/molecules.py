@@ -73,7 +73,13 @@ class MoleculeSet:
 
 
 def validate(mols: MoleculeSet, species: tuple[int, ...] | None = None, source: str = "input") -> None:
-    """Raise QSO3Error naming the first broken thing: non-finite values, overlapping atoms, unknown elements."""
+    """Raise QSO3Error naming the first broken thing: no frames, an empty frame, non-finite values,
+    overlapping atoms, unknown elements."""
+    if len(mols) == 0:
+        raise QSO3Error(f"{source}: no frames")
+    sizes = np.diff(mols.offsets)
+    if (sizes <= 0).any():
+        raise QSO3Error(f"{source}: frame {int(np.argmax(sizes <= 0))} has no atoms")
     if not np.all(np.isfinite(mols.positions)):
         bad = np.nonzero(~np.isfinite(mols.positions).all(1))[0][0]
         frame = int(np.searchsorted(mols.offsets, bad, side="right") - 1)

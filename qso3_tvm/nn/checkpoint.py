@@ -5,13 +5,13 @@ Writes are atomic (temporary file + rename): an interrupt never leaves a half-wr
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from ..errors import QSO3Error
+from ..files import atomic_path
 from .model import ModelConfig, So3krates
 
 BUNDLED = {"ethanol-fp32": "ethanol_fp32.pt", "ethanol-int8": "ethanol_int8.pt"}
@@ -19,11 +19,8 @@ DEFAULT_MODEL = "ethanol-fp32"
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def model_payload(model: So3krates, **meta) -> dict:
@@ -77,7 +74,18 @@ def precision(model: So3krates) -> str:
 
 
 def load_model(spec: str | Path) -> So3krates:
+    """A checkpoint's model, checked: config valid, weights matching it and finite."""
     payload = load_payload(spec)
-    model = build_model(payload["config"], payload.get("quant"))
-    model.load_state_dict(payload["state_dict"])
+    path = resolve_model_path(spec)
+    try:
+        model = build_model(payload["config"], payload.get("quant"))
+        model.load_state_dict(payload["state_dict"])
+    except QSO3Error as e:
+        raise QSO3Error(f"{path}: {e}") from None
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # config fields, shapes, missing weights
+        msg = str(e).strip().splitlines()[0][:300]
+        raise QSO3Error(f"{path}: config and weights do not match ({type(e).__name__}: {msg})") from None
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise QSO3Error(f"{path}: non-finite (NaN/inf) weights in {bad[:3]}{' ...' if len(bad) > 3 else ''}")
     return model.eval()

@@ -16,11 +16,12 @@ Vectors are stored as (N, 3, F) so that channel mixing (Linear over F) commutes 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
+from ..errors import QSO3Error
 from .batch import Batch
 
 
@@ -37,13 +38,35 @@ class ModelConfig:
     energy_scale: float = 1.0  # eV, set from data (force RMS)
     energy_shift: list[float] = field(default_factory=list)  # eV per species, set from data
 
+    def __post_init__(self):
+        """Refuse configurations that would build a broken model (QSO3Error names the field)."""
+        bad = []
+        if not self.species or any(not isinstance(z, int) or not 1 <= z <= 118 for z in self.species):
+            bad.append(f"species {self.species!r} (atomic numbers 1..118)")
+        for name in ("channels", "layers", "heads", "n_rbf"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad.append(f"{name} {getattr(self, name)!r} (an integer ≥ 1)")
+        if isinstance(self.channels, int) and isinstance(self.heads, int) and self.heads >= 1 and self.channels % self.heads:
+            bad.append(f"channels {self.channels} not divisible by heads {self.heads}")
+        if not (isinstance(self.cutoff, (int, float)) and math.isfinite(self.cutoff) and self.cutoff > 0):
+            bad.append(f"cutoff {self.cutoff!r} (a positive length in Å)")
+        if self.attention not in ("l2norm", "dot"):
+            bad.append(f"attention {self.attention!r} (l2norm or dot)")
+        if self.energy_shift and len(self.energy_shift) != len(self.species):
+            bad.append(f"energy_shift has {len(self.energy_shift)} entries for {len(self.species)} species")
+        if bad:
+            raise QSO3Error("invalid model config: " + "; ".join(bad))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
-        d["species"] = tuple(d["species"])
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise QSO3Error(f"invalid model config: unknown fields {unknown}")
+        d["species"] = tuple(d.get("species", cls.species))
         return cls(**d)
 
 

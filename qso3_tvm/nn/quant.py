@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import QSO3Error
 from .model import InteractionLayer, So3krates
 
 MDDQ_EPS = 1e-6
@@ -194,6 +195,15 @@ class QuantConfig:
     branch_separate: bool = True  # own quantizers and learning rates per branch
     lr_scalar: float = 3e-4
     lr_vector: float = 1e-4
+
+    def __post_init__(self):
+        bad = [f"{k} {getattr(self, k)!r}" for k, ok in (
+            ("w_bits", self.w_bits in (4, 8)), ("a_bits", self.a_bits == 8),
+            ("vector", self.vector in ("mddq", "naive", "none")), ("direction_grid", self.direction_grid in ("cube", "sphere")),
+            ("warmup_epochs", isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0),
+            ("lr_scalar", self.lr_scalar > 0), ("lr_vector", self.lr_vector > 0)) if not ok]
+        if bad:
+            raise QSO3Error("invalid quantization config: " + "; ".join(bad))
 
     def to_dict(self) -> dict:
         return asdict(self)

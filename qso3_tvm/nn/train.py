@@ -46,6 +46,15 @@ class TrainConfig:
     rotate: bool = False  # random rotation of every training batch (QAT: quantized models are not exactly equivariant)
     lee_weight: float = 0.0  # weight of the LEE penalty mean ‖Rᵀ F(R x) − F(x)‖² in (meV/Å)²
 
+    def __post_init__(self):
+        bad = [f"{k} {getattr(self, k)!r}" for k, ok in (
+            ("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
+            ("n_train", self.n_train >= 1), ("n_val", self.n_val >= 1), ("ema_decay", 0 <= self.ema_decay < 1),
+            ("max_minutes", self.max_minutes >= 0), ("threads", self.threads >= 0), ("lee_weight", self.lee_weight >= 0),
+            ("energy_weight", self.energy_weight >= 0), ("force_weight", self.force_weight >= 0)) if not ok]
+        if bad:
+            raise QSO3Error("invalid training config: " + "; ".join(bad))
+
 
 def split_indices(cfg: TrainConfig, mols: MoleculeSet) -> tuple[np.ndarray, np.ndarray]:
     """The fixed-seed train/validation split (950/50 of the rMD17 train frames by default)."""

@@ -6,12 +6,13 @@ graph.convention.
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import BucketError
-from ..graph.convention import call_arrays, read_manifest
+from ..errors import BucketError, QSO3Error
+from ..graph.convention import call_arrays, library_path, read_manifest
 from ..graph.molecules import MoleculeSet
 from ..graph.neighbors import species_index
 
@@ -26,7 +27,9 @@ class CompiledModel:
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self.library = tvm.runtime.load_module(str(self.path / self.manifest["library"]))
+        lib = library_path(self.path, self.manifest)
+        check_runs_here(self.manifest, device)
+        self.library = tvm.runtime.load_module(str(lib))
         self.device = tvm.cuda() if device == "cuda" else tvm.cpu()
         self.vm = VirtualMachine(self.library, self.device)
 
@@ -56,7 +59,8 @@ class CompiledModel:
         energy, forces = self.call(args)
         energy = energy[:len(padded)]  # a bucket's empty molecule slots come after the ghost
         shift = np.asarray(self.manifest["model"]["energy_shift"] or [0.0] * len(self.species), np.float64)
-        shift = np.add.reduceat(shift[species_index(padded.numbers, self.species)], padded.offsets[:-1])
+        frame_of_atom = np.repeat(np.arange(len(padded)), np.diff(padded.offsets))  # empty frames sum to 0
+        shift = np.bincount(frame_of_atom, shift[species_index(padded.numbers, self.species)], minlength=len(padded))
         n_real = int(padded.offsets[-2])
         return (energy.astype(np.float64) + shift)[:-1], forces[:n_real].astype(np.float64)
 
@@ -81,3 +85,28 @@ class CompiledModel:
                 continue
             energies.append(e), forces.append(f)
         return np.concatenate(energies), np.concatenate(forces)
+
+
+def host_cpu_features() -> set[str]:
+    """This machine's CPU feature flags (/proc/cpuinfo)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def check_runs_here(manifest: dict, device: str = "cpu") -> None:
+    """Refuse, with the reason, a library this machine cannot execute (before loading it)."""
+    target = manifest["target"]
+    arch, name = target.get("arch"), target.get("name")
+    if arch and arch != platform.machine():
+        raise QSO3Error(f"artifact {name} is built for {arch}, this machine is {platform.machine()}: run it on a "
+                        "matching board (qso3-tvm profile --rpc) or compile for this machine")
+    if target.get("device", "cpu") != device:
+        raise QSO3Error(f"artifact {name} is for device {target.get('device', 'cpu')!r}, asked to run on {device!r}")
+    missing = sorted(set(target.get("cpu_features") or []) - host_cpu_features())
+    if device == "cpu" and missing:
+        raise QSO3Error(f"artifact {name} needs CPU features {missing} that this machine lacks: compile for a matching target")

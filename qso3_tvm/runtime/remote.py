@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import QSO3Error
-from ..graph.convention import read_manifest
+from ..graph.convention import library_path, read_manifest
 from ..graph.molecules import MoleculeSet
 from . import DEFAULT_KEY
 from .compiled import CompiledModel
@@ -60,10 +61,23 @@ def _open_session(addr: str, flag: str, keys: list[str], open_fn):
 
 
 def board_info(session) -> dict:
+    """What the board says about itself; its label is sanitized (it names report files on this side)."""
     try:
-        return json.loads(session.get_function("qso3.board.info")())
+        info = json.loads(session.get_function("qso3.board.info")())
     except AttributeError:  # a stock TVM RPC server (python -m tvm.exec.rpc_server)
         return {"label": "tvm-rpc-server", "machine": None, "features": None}
+    except (ValueError, TypeError) as e:
+        raise QSO3Error(f"the board sent an unreadable self-description ({e})") from None
+    if not isinstance(info, dict):
+        raise QSO3Error("the board sent an unreadable self-description (not a JSON object)")
+    info["label"] = safe_label(info.get("label"))
+    return info
+
+
+def safe_label(label) -> str:
+    """A board label usable in a file name: [A-Za-z0-9._-], at most 64 characters, never '.' or '..'."""
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", str(label or "board"))[:64].strip(".")
+    return text or "board"
 
 
 def check_compatible(manifest: dict, info: dict) -> None:
@@ -103,15 +117,14 @@ class RemoteModel(CompiledModel):
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        lib_path = library_path(self.path, self.manifest)  # checked here before it is sent
         self.session, self.board = session, info or board_info(session)
         check_compatible(self.manifest, self.board)
         cuda = self.manifest["target"]["device"] == "cuda"
         self.device = cuda_device(session, self.manifest, self.board) if cuda else session.cpu()
         self.device_label = (f"cuda ({self.device.device_name}, sm_{self.device.compute_version.replace('.', '')})"
                              if cuda else "cpu")
-        session.upload(str(self.path / self.manifest["library"]))
-        lib = session.load_module(self.manifest["library"])
-        self.vm = VirtualMachine(lib, self.device)
+        self.vm = VirtualMachine(upload_and_load(session, lib_path, self.manifest, self.board), self.device)
         self._getitem = session.get_function("ffi.ArrayGetItem")  # tuples do not cross RPC: index remotely
 
     def call(self, args):
@@ -126,3 +139,11 @@ class RemoteModel(CompiledModel):
         runs_ms = np.asarray(timer("main").results) * 1e3
         return {"mean": float(runs_ms.mean()), "median": float(np.median(runs_ms)), "max": float(runs_ms.max()),
                 "min": float(runs_ms.min()), "std": float(runs_ms.std()), "repeat": repeat, "number": number}
+
+
+def upload_and_load(session, lib_path: Path, manifest: dict, info: dict):
+    """Upload the library and load it on the board; a qso3 board checks its sha256 before loading."""
+    session.upload(str(lib_path))
+    if info.get("load_verified"):
+        return session.get_function("qso3.board.load_verified")(lib_path.name, manifest["library_sha256"])
+    return session.load_module(lib_path.name)  # a stock TVM server: checked on this side only

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ...errors import QSO3Error
-from ...files import sha256
+from ...files import atomic_path, sha256
 from .routes import ROUTES, Route
 
 # the stages whose sources decide a compiled artifact (hashed into cache keys)
@@ -106,9 +106,8 @@ def export_onnx(model, path: Path, forces: bool) -> None:
         ep = torch.export.export(traced, args, dynamic_shapes=shapes)
     else:
         ep = torch.export.export(_energy_module(model), args, dynamic_shapes=shapes)
-    tmp = path.with_name(f".{path.name}.tmp.onnx")
-    torch.onnx.export(ep, args, str(tmp), dynamo=True, external_data=False, verbose=False)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".onnx") as tmp:
+        torch.onnx.export(ep, args, str(tmp), dynamo=True, external_data=False, verbose=False)
 
 
 def onnx_weight_bytes(path: Path) -> int:

@@ -4,12 +4,11 @@ each written to a temporary file and renamed (an interrupt leaves the previous r
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...files import atomic_write
+from ...files import atomic_path, atomic_write
 from .routes import MODES
 from .stats import floor_ms
 
@@ -229,11 +228,9 @@ def render_chart(res: dict, path: Path) -> None:
     if routes:
         axes[0, 0].legend(fontsize=7, ncol=min(4, len(routes)))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_reports(res: dict, report_dir: Path) -> dict:

@@ -406,23 +406,11 @@ def _check_config(cfg: BenchConfig) -> None:
             raise QSO3Error(f"{given}: not a compiled artifact (no manifest.json)")
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM cleans up like Ctrl-C (workers stopped); signals can only be set in the main thread."""
-    if threading.current_thread() is threading.main_thread():
-        import signal
-
-        def _interrupt(*_):
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, _interrupt)
-
-
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Prepare every route, time them alternately, and write the reports; returns the JSON result."""
     _check_config(cfg)
     from ...nn.checkpoint import load_model, resolve_model_path
 
-    _sigterm_as_interrupt()
     ref_model = load_model(resolve_model_path(cfg.model_fp32))
     molecules = {w: workload_molecules(w, tuple(ref_model.cfg.species)) for w in cfg.workloads}
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...files import atomic_write
 from .routes import ROUTES
 
 REPLY = "@@qso3-bench "
@@ -318,9 +319,7 @@ def prepare(spec_path: str, out_path: str) -> None:
     except Exception as e:
         traceback.print_exc()
         result = {"skip": f"preparation failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-    tmp = Path(out_path + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out_path)
+    atomic_write(out_path, json.dumps(result))
 
 
 def main(argv: list[str]) -> None:
