@@ -14,10 +14,11 @@ from qso3_tvm.compiler import compile as qcompile
 from qso3_tvm.compiler.targets import resolve_target
 from qso3_tvm.errors import QSO3Error
 from qso3_tvm.files import sha256
-from qso3_tvm.graph.molecules import random_molecule
+from qso3_tvm.graph.molecules import MoleculeSet, random_molecule
 from qso3_tvm.nn.checkpoint import save_model
 from qso3_tvm.nn.quant import QuantConfig, quantize_model
 from qso3_tvm.nn.testing import ENERGY_SHIFT_EV, model_energy_forces, save_tiny_model, tiny_model
+from qso3_tvm.runtime.compiled import CompiledModel
 
 runner = CliRunner()
 
@@ -115,3 +116,26 @@ def test_quantized_model_compiles_to_int8_gemms(tmp_path):
     assert info["parity"]["max_force_error_mev_per_a"] <= info["parity"]["tolerance_mev"][1]
     kernels = info["quantization"]["kernels"]
     assert "int8 x int8 -> int32" in kernels["scalar_linears"] and "qso3_mddq" in kernels["mddq"]
+    # the energy-only entry point of a quantized build (custom operators shared with main) gives main's energies
+    mols = MoleculeSet.from_molecules([random_molecule(7, seed=s) for s in (3, 4)])
+    compiled = CompiledModel(tmp_path / "art")
+    e_main, _ = compiled.predict(mols)
+    e_only, f_none = compiled.predict(mols, forces=False)
+    assert f_none is None and np.array_equal(e_only, e_main)
+
+
+def test_energy_only_entry_point(x86_artifact, monkeypatch):
+    """Every artifact has an `energy` function (manifest `functions`); the calculator uses it when ASE asks
+    for the energy alone, and it equals main's energy."""
+    from ase import Atoms
+
+    from qso3_tvm.runtime.calculator import QSO3Calculator
+
+    assert set(json.loads((x86_artifact / "manifest.json").read_text())["functions"]) == {"main", "energy"}
+    z, pos = random_molecule(6, seed=5)
+    calc = QSO3Calculator.from_compiled(x86_artifact)
+    e_both = calc.energy_forces(z, pos)[0]
+    monkeypatch.setattr(calc, "energy_forces", lambda *a: pytest.fail("energy-only call computed forces"))
+    atoms = Atoms(numbers=z, positions=pos)
+    atoms.calc = calc
+    assert atoms.get_potential_energy() == pytest.approx(e_both, abs=1e-9)

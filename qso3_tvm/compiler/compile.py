@@ -24,7 +24,7 @@ import torch
 from .. import __version__
 from ..errors import QSO3Error
 from ..files import sha256
-from ..graph.convention import MANIFEST, dynamic_inputs, fits_buckets, max_errors, sample_set, write_manifest
+from ..graph.convention import ENTRY_POINTS, MANIFEST, dynamic_inputs, fits_buckets, max_errors, sample_set, write_manifest
 from ..nn.checkpoint import load_model, precision, resolve_model_path
 from ..nn.int8 import int8_weight_bytes
 from ..nn.metrics import predict
@@ -129,6 +129,7 @@ def manifest(model, model_path: Path, spec: TargetSpec, library: Path) -> dict:
                    "cpu_features": spec.cpu_features, "device": spec.device},
         "inputs": dynamic_inputs(),
         "outputs": {"energy": ["molecules"], "forces": ["atoms", 3], "units": "eV, eV/Å; add energy_shift per atom"},
+        "functions": dict(ENTRY_POINTS),
         "versions": {"tvm": tvm.__version__, "torch": torch.__version__, "qso3_tvm": __version__},
         "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -2,7 +2,12 @@
 the reports and the tests build on.
 
     model -> deployable (int8 form)  -> export energy+forces (torch.export; symbolic sizes, or a bucket's)
-          -> import to Relax (custom operators -> TIR) -> our int8 GEMM kernels for the target
+          -> import to Relax (custom operators -> TIR) -> an energy-only entry point -> our int8 GEMM
+             kernels for the target
+
+The module has two functions with the same inputs (graph.convention): `main` returns (energy, forces),
+`energy` the energy alone: a copy of `main` without the backward pass (dead code removed), sharing its
+kernels and weights.
 """
 
 from __future__ import annotations
@@ -26,8 +31,26 @@ def deployable(model, spec: TargetSpec | None = None):
 def relax_module(model, spec: TargetSpec | None = None, bucket: Bucket | None = None, target=None):
     """The model's energy+forces graph as a Relax module, at symbolic sizes or a static bucket, with our
     kernels for the target (`spec`'s TVM target, or `target` when given, e.g. tuning's with num-cores)."""
-    mod = import_to_relax(export_energy_forces(deployable(model, spec), bucket=bucket))
+    mod = add_energy_entry(import_to_relax(export_energy_forces(deployable(model, spec), bucket=bucket)))
     target = target if target is not None else (spec.tvm_target() if spec is not None else None)
     if target is not None:
         mod, _ = apply_kernels(mod, target)
     return mod
+
+
+def add_energy_entry(mod):
+    """`mod` with an `energy` function: `main` (which ends in the tuple (energy, forces)) returning only
+    the energy, so that the backward pass is dead code and is removed."""
+    from tvm import relax
+    from tvm.relax.utils import copy_with_new_vars
+
+    f = copy_with_new_vars(mod["main"])
+    *blocks, last_block = f.body.blocks
+    *bindings, last = last_block.bindings
+    if not (isinstance(last.value, relax.Tuple) and last.var.same_as(f.body.body)):
+        raise ValueError("main must end in the tuple (energy, forces)")
+    energy = last.value.fields[0]
+    out = relax.Var("energy", energy.ty)
+    body = relax.SeqExpr(blocks + [relax.DataflowBlock(bindings + [relax.VarBinding(out, energy)])], out)
+    mod["energy"] = relax.Function(f.params, body, out.ty, f.is_pure, f.attrs).with_attr("global_symbol", "energy")
+    return relax.transform.DeadCodeElimination(["main", "energy"])(mod)

@@ -32,6 +32,8 @@ from .molecules import MoleculeSet
 from .neighbors import graph_arrays, radius_graph
 
 MANIFEST = "manifest.json"
+# the library's functions (same inputs): what each returns
+ENTRY_POINTS = {"main": "energy (molecules,), forces (atoms, 3)", "energy": "energy (molecules,)"}
 INPUT_NAMES = ("species", "pos", "mol", "src", "dst", "mol_slots")
 CALL_DIMS = ("atoms", "edges", "molecules")
 GHOST_ATOMS, GHOST_EDGES = 2, 2

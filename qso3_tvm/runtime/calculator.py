@@ -32,10 +32,12 @@ class QSO3Calculator(Calculator):
     implemented_properties = ["energy", "forces"]
 
     def __init__(self, energy_forces: EnergyForcesFn, species, backend: str,
-                 size_check: Callable[[np.ndarray, np.ndarray], None] | None = None, **kwargs):
+                 size_check: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                 energy_only: Callable[[np.ndarray, np.ndarray], float] | None = None, **kwargs):
+        """`energy_only`: a cheaper energy without forces, used when ASE asks for the energy alone."""
         super().__init__(**kwargs)
         self.energy_forces, self.species, self.backend = energy_forces, tuple(species), backend
-        self.size_check = size_check
+        self.size_check, self.energy_only = size_check, energy_only
 
     # ------------------------------------------------------------ constructors
     @classmethod
@@ -67,7 +69,8 @@ class QSO3Calculator(Calculator):
     def _from_model(cls, model, where: str, **kwargs) -> "QSO3Calculator":
         manifest = model.manifest
         backend = f"{where}:{manifest['target']['name']}:{manifest['model']['precision']}"
-        return cls(model.energy_forces, model.species, backend,
+        energy_only = (lambda z, pos: model.energy_forces(z, pos, forces=False)[0]) if model.has_energy_entry else None
+        return cls(model.energy_forces, model.species, backend, energy_only=energy_only,
                    size_check=lambda z, pos: check_call_size(manifest, z, pos), **kwargs)
 
     # ------------------------------------------------------------ ASE interface
@@ -79,6 +82,9 @@ class QSO3Calculator(Calculator):
         validate(MoleculeSet.from_molecules([(numbers, positions)]), species=self.species, source="molecule")
         if self.size_check is not None:
             self.size_check(numbers, positions)
+        if "forces" not in properties and self.energy_only is not None:
+            self.results = {"energy": float(self.energy_only(numbers, positions))}
+            return
         energy, forces = self.energy_forces(numbers, positions)
         self.results = {"energy": float(energy), "forces": np.asarray(forces, np.float64)}
 

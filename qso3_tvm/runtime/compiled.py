@@ -49,42 +49,51 @@ class CompiledModel:
                                      self.manifest["inputs"].get("buckets"), str(self.path))
         return [tvm.runtime.tensor(a, self.device) for a in arrays], padded
 
-    def call(self, args) -> tuple[np.ndarray, np.ndarray]:
-        energy, forces = self.vm["main"](*args)
-        return energy.numpy(), forces.numpy()
+    @property
+    def has_energy_entry(self) -> bool:
+        """Whether the library has the energy-only function (artifacts compiled since it exists)."""
+        return "energy" in (self.manifest.get("functions") or {})
 
-    def run_batch(self, mols: MoleculeSet, frames) -> tuple[np.ndarray, np.ndarray]:
-        """Total energies (eV, float64) and forces (eV/Å) of the frames, in order."""
+    def call(self, args, forces: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        if not forces and self.has_energy_entry:
+            return self.vm["energy"](*args).numpy(), None
+        energy, f = self.vm["main"](*args)
+        return energy.numpy(), f.numpy()
+
+    def run_batch(self, mols: MoleculeSet, frames, forces: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Total energies (eV, float64) and forces (eV/Å; None when not asked for) of the frames, in order."""
         args, padded = self.inputs(mols, frames)
-        energy, forces = self.call(args)
+        energy, forces = self.call(args, forces)
         energy = energy[:len(padded)]  # a bucket's empty molecule slots come after the ghost
         shift = np.asarray(self.manifest["model"]["energy_shift"] or [0.0] * len(self.species), np.float64)
         frame_of_atom = np.repeat(np.arange(len(padded)), np.diff(padded.offsets))  # empty frames sum to 0
         shift = np.bincount(frame_of_atom, shift[species_index(padded.numbers, self.species)], minlength=len(padded))
         n_real = int(padded.offsets[-2])
-        return (energy.astype(np.float64) + shift)[:-1], forces[:n_real].astype(np.float64)
+        return (energy.astype(np.float64) + shift)[:-1], None if forces is None else forces[:n_real].astype(np.float64)
 
-    def energy_forces(self, numbers: np.ndarray, positions: np.ndarray) -> tuple[float, np.ndarray]:
-        e, f = self.run_batch(MoleculeSet.from_molecules([(numbers, positions)]), [0])
+    def energy_forces(self, numbers: np.ndarray, positions: np.ndarray, forces: bool = True) -> tuple[float, np.ndarray | None]:
+        e, f = self.run_batch(MoleculeSet.from_molecules([(numbers, positions)]), [0], forces)
         return float(e[0]), f
 
     def forces_fn(self):
         return lambda numbers, pos: self.energy_forces(numbers, pos)[1]
 
-    def predict(self, mols: MoleculeSet, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        energies, forces = [], []
+    def predict(self, mols: MoleculeSet, batch_size: int = 32, forces: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Energies (and forces) of every frame, in calls of up to `batch_size` frames (halved until a
+        static build's bucket fits)."""
+        energies, all_forces = [], []
         chunks = [list(range(start, min(start + batch_size, len(mols)))) for start in range(0, len(mols), batch_size)]
         while chunks:
             frames = chunks.pop(0)
             try:
-                e, f = self.run_batch(mols, frames)
+                e, f = self.run_batch(mols, frames, forces)
             except BucketError:
                 if len(frames) == 1:
                     raise
                 chunks[:0] = [frames[: len(frames) // 2], frames[len(frames) // 2:]]  # smaller calls fit a bucket
                 continue
-            energies.append(e), forces.append(f)
-        return np.concatenate(energies), np.concatenate(forces)
+            energies.append(e), all_forces.append(f)
+        return np.concatenate(energies), np.concatenate(all_forces) if forces else None
 
 
 def host_cpu_features() -> set[str]:

@@ -127,7 +127,9 @@ class RemoteModel(CompiledModel):
         self.vm = VirtualMachine(upload_and_load(session, lib_path, self.manifest, self.board), self.device)
         self._getitem = session.get_function("ffi.ArrayGetItem")  # tuples do not cross RPC: index remotely
 
-    def call(self, args):
+    def call(self, args, forces: bool = True):
+        if not forces and self.has_energy_entry:
+            return self.vm["energy"](*args).numpy(), None
         out = self.vm["main"](*args)
         return self._getitem(out, 0).numpy(), self._getitem(out, 1).numpy()
 
