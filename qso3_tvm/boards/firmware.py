@@ -166,6 +166,7 @@ def start_board(cpu: str | None = None, port: int = 9090, host: str = "127.0.0.1
         label = f"native-{platform.machine()}"
         cmd = [str(firmware_binary(platform.machine()))]
     work = work_dir or tempfile.mkdtemp(prefix=f"qso3-board-{label}-")
+    os.makedirs(work, mode=0o700, exist_ok=True)
     args += ["--work-dir", work, "--label", label]
     log_path = os.path.join(work, f"board-{port}.log")
     try:
