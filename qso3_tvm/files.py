@@ -36,3 +36,14 @@ def sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def log_tail(path: str | os.PathLike | None, lines: int = 20) -> str:
+    """The last lines of a log file, read from its last 16 KB ("" when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 16384))
+            text = f.read().decode(errors="replace")
+    except (OSError, TypeError):
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])

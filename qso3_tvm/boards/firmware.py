@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QSO3Error
+from ..files import log_tail
 from ..resources import firmware_build_dir, firmware_dir
 from ..runtime import DEFAULT_KEY
 
@@ -100,22 +101,12 @@ class Board(ProcessGroup):
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the board logged ("" when there is no log)."""
-        return _log_tail(self.log_path, lines)
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         super().stop()
         if self.work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-
-
-def _log_tail(path: str | os.PathLike | None, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 16384))
-            text = f.read().decode(errors="replace")
-    except (OSError, TypeError):
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def _wait_listening(proc: subprocess.Popen, what: str, log_path: str | os.PathLike, timeout: float = 60.0) -> str:
@@ -134,10 +125,10 @@ def _wait_listening(proc: subprocess.Popen, what: str, log_path: str | os.PathLi
                 return line.decode(errors="replace").strip()
         if exited:
             raise QSO3Error(f"{what} exited with code {proc.returncode}; its log ({log_path}) ends:\n"
-                            f"{_log_tail(log_path, 10)}")
+                            f"{log_tail(log_path, 10)}")
         time.sleep(0.05)
     ProcessGroup(proc).kill()
-    raise QSO3Error(f"{what} did not start within {timeout:.0f} s; its log ({log_path}) ends:\n{_log_tail(log_path, 10)}")
+    raise QSO3Error(f"{what} did not start within {timeout:.0f} s; its log ({log_path}) ends:\n{log_tail(log_path, 10)}")
 
 
 def start_board(cpu: str | None = None, port: int = 9090, host: str = "127.0.0.1", key: str = DEFAULT_KEY,

@@ -23,7 +23,7 @@ import torch
 
 from .. import __version__
 from ..errors import QSO3Error
-from ..files import sha256
+from ..files import log_tail, sha256
 from ..graph.convention import ENTRY_POINTS, MANIFEST, dynamic_inputs, fits_buckets, max_errors, sample_set, write_manifest
 from ..nn.checkpoint import load_model, precision, resolve_model_path
 from ..nn.int8 import int8_weight_bytes
@@ -32,7 +32,7 @@ from ..resources import git_commit
 from ..runtime.compiled import CompiledModel
 from .kernels.pipeline import kernel_summary, relax_pipeline
 from .module import deployable, relax_module
-from .stages import Stages, native_output_to, tail
+from .stages import Stages, native_output_to
 from .targets import TargetSpec, resolve_target, tuning_target
 from .tuning.database import apply_tuning_records, static_build_info
 
@@ -169,8 +169,9 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
         write_manifest(tmp, info)
         replace_dir(tmp, out)
     except BaseException:
-        if tail(tmp / BUILD_LOG):
-            log(f"last TVM messages ({BUILD_LOG}):\n{tail(tmp / BUILD_LOG)}")
+        last = log_tail(tmp / BUILD_LOG, 15)
+        if last:
+            log(f"last TVM messages ({BUILD_LOG}):\n{last}")
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -43,11 +43,3 @@ def native_output_to(path: Path):
         os.dup2(saved, 2)
         os.close(saved)
         os.close(fd)
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    """The last lines of a log file ('' if there is none)."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

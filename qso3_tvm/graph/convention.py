@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import BucketError, QSO3Error
 from ..files import sha256
 from .molecules import MoleculeSet
-from .neighbors import graph_arrays, radius_graph
+from .neighbors import graph_arrays
 
 MANIFEST = "manifest.json"
 # the library's functions (same inputs): what each returns
@@ -143,9 +143,8 @@ def call_arrays(mols: MoleculeSet, frames, species: tuple[int, ...], cutoff: flo
 
 def call_sizes(numbers: np.ndarray, positions: np.ndarray, species: tuple[int, ...], cutoff: float) -> dict[str, int]:
     """Atom, edge and molecule counts of one call on a molecule (the molecule plus the ghost)."""
-    padded, _ = with_ghost(MoleculeSet.from_molecules([(numbers, positions)]), [0], species)
-    edges = sum(len(radius_graph(padded.frame(i)[1], cutoff)[0]) for i in range(len(padded)))
-    return {"atoms": len(padded.numbers), "edges": edges, "molecules": len(padded)}
+    arrays, _ = call_arrays(MoleculeSet.from_molecules([(numbers, positions)]), [0], species, cutoff)
+    return {"atoms": len(arrays[0]), "edges": len(arrays[3]), "molecules": len(arrays[5])}
 
 
 def fits_buckets(buckets, numbers: np.ndarray, positions: np.ndarray, species, cutoff: float) -> bool:

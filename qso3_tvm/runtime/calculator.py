@@ -2,7 +2,7 @@
 checkpoint, a compiled artifact run here, or a compiled artifact run on a board over TVM RPC.
 Needs ASE, numpy and the TVM runtime; PyTorch only for the eager backend (qso3_tvm.nn.eager).
 
-    from .calculator import QSO3Calculator
+    from qso3_tvm.runtime.calculator import QSO3Calculator
     atoms.calc = QSO3Calculator.from_model(EagerModel("ethanol-fp32"))  # PyTorch (qso3_tvm.nn.eager)
     atoms.calc = QSO3Calculator.from_compiled("build/x86")             # TVM, this machine
     atoms.calc = QSO3Calculator.from_rpc("build/arm64", rpc="pi:9090")  # TVM, a board

@@ -63,13 +63,13 @@ class CompiledModel:
     def run_batch(self, mols: MoleculeSet, frames, forces: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Total energies (eV, float64) and forces (eV/Å; None when not asked for) of the frames, in order."""
         args, padded = self.inputs(mols, frames)
-        energy, forces = self.call(args, forces)
+        energy, f = self.call(args, forces)
         energy = energy[:len(padded)]  # a bucket's empty molecule slots come after the ghost
         shift = np.asarray(self.manifest["model"]["energy_shift"] or [0.0] * len(self.species), np.float64)
         frame_of_atom = np.repeat(np.arange(len(padded)), np.diff(padded.offsets))  # empty frames sum to 0
         shift = np.bincount(frame_of_atom, shift[species_index(padded.numbers, self.species)], minlength=len(padded))
         n_real = int(padded.offsets[-2])
-        return (energy.astype(np.float64) + shift)[:-1], None if forces is None else forces[:n_real].astype(np.float64)
+        return (energy.astype(np.float64) + shift)[:-1], None if f is None else f[:n_real].astype(np.float64)
 
     def energy_forces(self, numbers: np.ndarray, positions: np.ndarray, forces: bool = True) -> tuple[float, np.ndarray | None]:
         e, f = self.run_batch(MoleculeSet.from_molecules([(numbers, positions)]), [0], forces)
@@ -110,12 +110,22 @@ def host_cpu_features() -> set[str]:
 def check_runs_here(manifest: dict, device: str = "cpu") -> None:
     """Refuse, with the reason, a library this machine cannot execute (before loading it)."""
     target = manifest["target"]
-    arch, name = target.get("arch"), target.get("name")
-    if arch and arch != platform.machine():
-        raise QSO3Error(f"artifact {name} is built for {arch}, this machine is {platform.machine()}: run it on a "
-                        "matching board (qso3-tvm profile --rpc) or compile for this machine")
     if target.get("device", "cpu") != device:
-        raise QSO3Error(f"artifact {name} is for device {target.get('device', 'cpu')!r}, asked to run on {device!r}")
-    missing = sorted(set(target.get("cpu_features") or []) - host_cpu_features())
-    if device == "cpu" and missing:
-        raise QSO3Error(f"artifact {name} needs CPU features {missing} that this machine lacks: compile for a matching target")
+        raise QSO3Error(f"artifact {target.get('name')} is for device {target.get('device', 'cpu')!r}, asked to run on {device!r}")
+    features = host_cpu_features() if device == "cpu" else None
+    check_compatible(manifest, {"label": "this machine", "machine": platform.machine(), "features": features})
+
+
+def check_compatible(manifest: dict, info: dict) -> None:
+    """Refuse, before anything loads, an artifact a machine (`info`: label, machine, CPU features, as a board
+    reports them) cannot execute."""
+    target = manifest["target"]
+    where = info.get("label")
+    if info.get("machine") and target.get("arch") and info["machine"] != target["arch"]:
+        raise QSO3Error(f"artifact {target.get('name')} is built for {target['arch']}, {where} is {info['machine']}: "
+                        "compile for a matching target, or run it on a matching board (qso3-tvm profile --rpc)")
+    if info.get("features") is not None:
+        missing = sorted(set(target.get("cpu_features") or []) - set(info["features"]))
+        if missing:
+            raise QSO3Error(f"artifact {target.get('name')} needs CPU features {missing} that {where} lacks "
+                            "(e.g. +dotprod needs asimddp): compile for a matching target")

@@ -14,7 +14,7 @@ from ..errors import QSO3Error
 from ..graph.convention import library_path, read_manifest
 from ..graph.molecules import MoleculeSet
 from . import DEFAULT_KEY
-from .compiled import CompiledModel
+from .compiled import CompiledModel, check_compatible
 
 TRACKER_ENV = ("TVM_TRACKER_HOST", "TVM_TRACKER_PORT", "TVM_TRACKER_KEY")
 
@@ -78,18 +78,6 @@ def safe_label(label) -> str:
     """A board label usable in a file name: [A-Za-z0-9._-], at most 64 characters, never '.' or '..'."""
     text = re.sub(r"[^A-Za-z0-9._-]", "_", str(label or "board"))[:64].strip(".")
     return text or "board"
-
-
-def check_compatible(manifest: dict, info: dict) -> None:
-    """Refuse, before running, an artifact the board cannot execute."""
-    target = manifest["target"]
-    if info.get("machine") and info["machine"] != target["arch"]:
-        raise QSO3Error(f"artifact is for {target['arch']} ({target['name']}), the board is {info['machine']}")
-    if info.get("features") is not None:
-        missing = sorted(set(target["cpu_features"]) - set(info["features"]))
-        if missing:
-            raise QSO3Error(f"artifact {target['name']} needs CPU features {missing} that board "
-                            f"{info.get('label')} lacks (e.g. +dotprod needs asimddp): compile for a matching target")
 
 
 def cuda_device(session, manifest: dict, info: dict):

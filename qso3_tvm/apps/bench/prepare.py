@@ -168,20 +168,15 @@ def _prepare_onnx(spec: dict, int8: bool) -> dict:
 
 
 # ---------------------------------------------------------------- TVM: compiled artifacts
-def _tuning_kwargs(spec: dict, compile_model) -> tuple[dict, str]:
+def _tuning_kwargs(spec: dict) -> tuple[dict, str]:
     """compile_model's tuning-records argument and the cache-key tag of the records."""
-    import inspect
+    from ...compiler.tuning.database import database_sha256
 
     records = spec.get("tuning_records")
     if not records:
         raise RouteUnavailable("no tuned artifact: pass --tvm-int8-tuned DIR (an artifact compiled with "
                                "--tuning-records) or --tuning-records DIR")
-    if "tuning_records" not in inspect.signature(compile_model).parameters:
-        raise RouteUnavailable("compile_model does not take tuning records yet: pass --tvm-int8-tuned DIR")
-    rec_hash = hashlib.sha256()
-    for p in sorted(Path(records).rglob("*.json")):
-        rec_hash.update(p.read_bytes())
-    return {"tuning_records": records}, "-rec" + rec_hash.hexdigest()[:8]
+    return {"tuning_records": records}, "-rec" + database_sha256(records)[:8]
 
 
 def _compile_artifact(spec: dict, route: Route) -> Path:
@@ -191,7 +186,7 @@ def _compile_artifact(spec: dict, route: Route) -> Path:
     from ...compiler.compile import compile_model
     from ...nn.checkpoint import resolve_model_path
 
-    kwargs, tag = _tuning_kwargs(spec, compile_model) if route.tuned else ({}, "")
+    kwargs, tag = _tuning_kwargs(spec) if route.tuned else ({}, "")
     path = resolve_model_path(spec[route.checkpoint])
     key = f"{route.name}-{file_sha(path)}-{spec['target']}-tvm{tvm.__version__}-src{compile_sources_hash()}{tag}"
     folder = Path(spec["cache_dir"]) / key

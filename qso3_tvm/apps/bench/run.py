@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import QSO3Error
+from ...files import log_tail
 from ...resources import cache_dir, git_commit
 from .prepare import RouteUnavailable, prepare_route
 from .report import bench_command, write_reports
@@ -244,10 +245,7 @@ class Worker:
         threading.Thread(target=read, daemon=True).start()
 
     def tail(self, n: int = 3) -> str:
-        try:
-            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
-        except OSError:
-            return ""
+        lines = [ln for ln in log_tail(self.log_path, 50).splitlines() if ln.strip()]
         return " | ".join(lines[-n:])[-400:]
 
     def get(self, timeout: float) -> dict:
