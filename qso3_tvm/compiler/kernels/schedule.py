@@ -69,7 +69,9 @@ def schedule_block(sch, info) -> None:
         if _static_extent(sch, spatial[-1]) is None:
             return
         sch.reorder(*spatial[:-1], *reduce, spatial[-1])
+        _vectorize_innermost(sch, spatial[-1])  # before decompose_reduction: TVM refuses it on the update block
         sch.decompose_reduction(block, reduce[0])
+        return
     _vectorize_innermost(sch, spatial[-1])
 
 
