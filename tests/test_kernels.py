@@ -107,6 +107,44 @@ def test_default_cpu_schedule_keeps_float_numerics():
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(xs)).numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_default_cpu_schedule_vectorizes_reductions():
+    """A matmul with symbolic rows gets its output-channel loop vectorized. The rule used to vectorize
+    after decompose_reduction, which TVM refuses on the update block; the error was swallowed and every
+    matmul ran as scalar loops (0.8 ms instead of 8 µs for 69x64x128 on AVX-512)."""
+    from tvm import te
+
+    from qso3_tvm.compiler.kernels.schedule import CPUDefault
+
+    n = tvm.tirx.Var("n", "int64")
+    a, b = te.placeholder((n * 3, 64), "float32", "a"), te.placeholder((64, 128), "float32", "b")
+    k = te.reduce_axis((0, 64), "k")
+    c = te.compute((n * 3, 128), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="matmul")
+    sch = CPUDefault().apply(te.create_prim_func([a, b, c, n]), resolve_target("x86-avx512").tvm_target(), False)
+    update = sch.get_sblock("matmul_update")
+    kinds = [sch.get(lp).kind for lp in sch.get_loops(update)]
+    assert kinds[-1] == tvm.tirx.ForKind.VECTORIZED
+
+
+@pytest.mark.parametrize("accumulate", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "int32"])
+def test_scatter_rows_kernel_matches_numpy(accumulate, dtype):
+    from qso3_tvm.compiler.kernels.scatter import scatter_rows_func
+
+    func = scatter_rows_func(48, dtype, "int64", accumulate)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=resolve_target("x86-64").tvm_target())
+    data, values = (RNG.normal(size=s).astype(dtype) * 10 for s in ((7, 48), (11, 48)))
+    index = RNG.permutation(np.arange(11) % 7) if accumulate else RNG.permutation(7)[:5]
+    values = values[: len(index)]
+    out = tvm.runtime.tensor(np.zeros_like(data))
+    lib["main"](tvm.runtime.tensor(data), tvm.runtime.tensor(index), tvm.runtime.tensor(values), out)
+    ref = data.copy()
+    if accumulate:
+        np.add.at(ref, index, values)
+    else:
+        ref[index] = values
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6)
+
+
 @pytest.mark.parametrize("grid", ["cube", "sphere"])
 def test_mddq_operator_equals_qat_module_and_its_ste_gradient(grid):
     """The deployed custom operator's forward and backward vs autograd of quant.MDDQ (float64)."""
@@ -204,3 +242,4 @@ def test_quantized_graph_runs_custom_operators():
     model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate
     names = {gv.name_hint for gv in import_to_relax(export_energy_forces(deployable(model))).functions}
     assert {"qso3_l2_attention_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1"} <= names
+    assert any(n.startswith("qso3_scatter_rows_add_float32_") for n in names)  # neighbor sums

@@ -31,7 +31,8 @@ def deployable(model, spec: TargetSpec | None = None):
 def relax_module(model, spec: TargetSpec | None = None, bucket: Bucket | None = None, target=None):
     """The model's energy+forces graph as a Relax module, at symbolic sizes or a static bucket, with our
     kernels for the target (`spec`'s TVM target, or `target` when given, e.g. tuning's with num-cores)."""
-    mod = add_energy_entry(import_to_relax(export_energy_forces(deployable(model, spec), bucket=bucket)))
+    cpu = spec is None or spec.device == "cpu"
+    mod = add_energy_entry(import_to_relax(export_energy_forces(deployable(model, spec), bucket=bucket), cpu_kernels=cpu))
     target = target if target is not None else (spec.tvm_target() if spec is not None else None)
     if target is not None:
         mod, _ = apply_kernels(mod, target)

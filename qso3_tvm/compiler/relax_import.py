@@ -8,7 +8,8 @@ Gaps and bugs worked around (TVM 0.27.0.post1, torch 2.13):
 - `aten.amax`                 unsupported                        -> relax.op.max
 - `aten.silu_backward`        unsupported (SiLU's gradient)      -> σ(x)·(1 + x(1 − σ(x)))·g
 - `aten.index_add`            decomposes to an index_put the importer rejects for 2-D/3-D data;
-                              kept out of the decomposition table -> scatter_elements(reduction="add")
+                              kept out of the decomposition table -> our row-scatter kernel
+                              (kernels.scatter) on CPU targets, scatter_elements(reduction="add") else
 - `aten.index_put` on rows     (backward of x[idx]) rejected: "number of index tensors must match
                               the data dimensions"          -> scatter_elements over broadcast row index
 - `aten.slice_scatter`        (backward of split/slice) fails with symbolic sizes in
@@ -20,6 +21,9 @@ Gaps and bugs worked around (TVM 0.27.0.post1, torch 2.13):
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 from torch._decomp import core_aten_decompositions
 from tvm import relax, tirx
@@ -46,28 +50,50 @@ def _silu_backward(node, imp):
     return bb.emit(grad * sig * (one + x * (one - sig)))
 
 
-def _scatter_rows(imp, data, index, values, reduction: str):
-    """data[index[e], ...] (+)= values[e, ...] via scatter_elements on axis 0."""
+def _scatter_rows(imp, data, index, values, reduction: str, cpu_kernels: bool):
+    """data[index[e], ...] (+)= values[e, ...]: our row-scatter kernel (kernels.scatter) on CPU
+    targets, else scatter_elements on axis 0 over the broadcast index."""
     bb = imp.block_builder
+    if cpu_kernels and index.ty.ndim == 1:
+        out = _scatter_rows_kernel(bb, data, index, values, reduction == "add")
+        if out is not None:
+            return out
     if values.ty.ndim > 1:
         index = bb.emit(relax.op.reshape(index, [-1] + [1] * (values.ty.ndim - 1)))
         index = bb.emit(relax.op.broadcast_to(index, imp.shape_of(values)))
     return bb.emit(relax.op.scatter_elements(data, index, values, axis=0, reduction=reduction))
 
 
-def _index_add(node, imp):
+def _scatter_rows_kernel(bb, data, index, values, accumulate: bool):
+    """call_tir of kernels.scatter on rows flattened to their static width (None if it is symbolic)."""
+    from .kernels.scatter import scatter_rows_func
+
+    trailing = [_static_int(values.ty.shape[i]) for i in range(1, values.ty.ndim)]
+    if any(d is None for d in trailing):
+        return None
+    width = int(np.prod(trailing)) if trailing else 1
+    shape, flat = data.ty.shape, values.ty.ndim != 2
+    if flat:
+        data, values = (bb.emit(relax.op.reshape(x, [x.ty.shape[0], width])) for x in (data, values))
+    func = scatter_rows_func(width, data.ty.dtype, index.ty.dtype, accumulate)
+    gv = bb.add_func(func, func.attrs["global_symbol"])
+    out = bb.emit(relax.call_tir(gv, [data, index, values], relax.TensorType(data.ty.shape, data.ty.dtype)))
+    return bb.emit(relax.op.reshape(out, shape)) if flat else out
+
+
+def _index_add(node, imp, cpu_kernels: bool = False):
     data, dim, index, values = imp.env[node.args[0]], node.args[1], imp.env[node.args[2]], imp.env[node.args[3]]
     if dim != 0 or _arg(node, 4, "alpha", 1) != 1:
         raise NotImplementedError("index_add is converted for dim=0, alpha=1 only")
-    return _scatter_rows(imp, data, index, values, "add")
+    return _scatter_rows(imp, data, index, values, "add", cpu_kernels)
 
 
-def _index_put(node, imp):
+def _index_put(node, imp, cpu_kernels: bool = False):
     indices = node.args[1]
     if len(indices) != 1 or indices[0] is None:
         return imp._index_put(node)  # the stock converter handles full indexing
     reduction = "add" if _arg(node, 3, "accumulate", False) else "update"
-    return _scatter_rows(imp, imp.env[node.args[0]], imp.env[indices[0]], imp.env[node.args[2]], reduction)
+    return _scatter_rows(imp, imp.env[node.args[0]], imp.env[indices[0]], imp.env[node.args[2]], reduction, cpu_kernels)
 
 
 def _static_int(x):
@@ -155,11 +181,17 @@ def _check_layer_norm_outputs(ep: torch.export.ExportedProgram) -> None:
                                 "silently gets wrong: remove LayerNorm from the force path")
 
 
-def import_to_relax(ep: torch.export.ExportedProgram):
-    """IRModule with a `main` taking the graph inputs and returning (energy, forces)."""
+def import_to_relax(ep: torch.export.ExportedProgram, cpu_kernels: bool = True):
+    """IRModule with a `main` taking the graph inputs and returning (energy, forces); `cpu_kernels`:
+    row scatters as our CPU kernel (kernels.scatter) instead of generic scatter_elements."""
     table = core_aten_decompositions()
     for op in KEEP_UNDECOMPOSED:
         table.pop(op, None)
     ep = ep.run_decompositions(table)
     _check_layer_norm_outputs(ep)
-    return from_exported_program(ep, custom_convert_map=CONVERTERS, run_ep_decomposition=False)
+    converters = dict(CONVERTERS)
+    if cpu_kernels:
+        for name, convert in CONVERTERS.items():
+            if convert in (_index_add, _index_put):
+                converters[name] = functools.partial(convert, cpu_kernels=True)
+    return from_exported_program(ep, custom_convert_map=converters, run_ep_decomposition=False)
