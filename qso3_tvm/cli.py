@@ -90,17 +90,23 @@ def quantize(
     model: str = typer.Argument(..., help="fp32 checkpoint path or bundled model name"),
     data: str = typer.Option("ethanol", help="rMD17 molecule name or .npz path (train split)"),
     out: Path = typer.Option(..., "-o", "--out", help="run directory (best.pt is the quantized model)"),
-    epochs: int = typer.Option(30),
+    precision: Optional[str] = typer.Option(None, help="w8a8 (int8 weights and activations, the paper's; default), "
+                                            "w8 (int8 weights, float activations: a smooth energy whose gradient is "
+                                            "the force), w4a8, w4"),
+    epochs: int = typer.Option(30, help="QAT epochs (0: post-training quantization, calibrated and saved as is)"),
     warmup_epochs: int = typer.Option(5, help="scalar-only epochs before vectors are quantized"),
     staged: bool = typer.Option(True, help="--no-staged: quantize vectors from epoch 0"),
     branch_separate: bool = typer.Option(True, help="--no-branch-separate: one learning rate for all"),
     vector: str = typer.Option("mddq", help="vector features: mddq, naive (component-wise) or none"),
     direction_grid: str = typer.Option("cube", help="MDDQ direction codes: cube (max-scaled) or sphere (fixed 1/127)"),
     attention_quant: bool = typer.Option(True, help="int8 q̂, k̂ in attention"),
-    w_bits: int = typer.Option(8, help="weight bits: 8 (W8A8) or 4 (W4A8)"),
+    float_head: bool = typer.Option(False, help="keep the energy head's activations in float (weights int8)"),
+    w_bits: Optional[int] = typer.Option(None, help="weight bits: 8 (W8A8) or 4 (W4A8, same as --precision w4a8)"),
     lr_scalar: float = typer.Option(3e-4),
     lr_vector: float = typer.Option(1e-4),
     lee_weight: float = typer.Option(0.0, help="weight of the LEE penalty (0: off)"),
+    energy_weight: float = typer.Option(1.0, help="loss weight of the per-atom energy error (eV²)"),
+    force_weight: float = typer.Option(100.0, help="loss weight of the force error ((eV/Å)²)"),
     rotate: bool = typer.Option(True, help="random rotation of each training batch"),
     batch_size: int = typer.Option(8),
     n_train: int = typer.Option(950),
@@ -111,18 +117,34 @@ def quantize(
     resume: bool = typer.Option(True, help="continue from OUT/last.pt if present"),
 ):
     """Quantization-aware training (MDDQ, branch-separated, staged) from an fp32 checkpoint."""
-    from .nn.quant import QuantConfig
+    from .nn.quant import QuantConfig, parse_precision
     from .nn.train import TrainConfig, train_qat
 
-    if vector not in ("mddq", "naive", "none") or direction_grid not in ("cube", "sphere") or w_bits not in (4, 8):
+    if vector not in ("mddq", "naive", "none") or direction_grid not in ("cube", "sphere") or w_bits not in (None, 4, 8):
         raise QSO3Error("--vector must be mddq|naive|none, --direction-grid cube|sphere, --w-bits 4|8")
-    qcfg = QuantConfig(w_bits=w_bits, vector=vector, direction_grid=direction_grid, attention=attention_quant,
+    bits, weight_only = parse_precision(precision, w_bits)
+    qcfg = QuantConfig(w_bits=bits, vector=vector, direction_grid=direction_grid, attention=attention_quant,
                        staged=staged, warmup_epochs=warmup_epochs, branch_separate=branch_separate,
-                       lr_scalar=lr_scalar, lr_vector=lr_vector)
+                       lr_scalar=lr_scalar, lr_vector=lr_vector, weight_only=weight_only, float_head=float_head)
     cfg = TrainConfig(data=data, out=str(out), epochs=epochs, batch_size=batch_size, lr=lr_scalar, n_train=n_train,
                       n_val=n_val, seed=seed, max_minutes=max_minutes, threads=threads, rotate=rotate,
-                      lee_weight=lee_weight)
+                      lee_weight=lee_weight, energy_weight=energy_weight, force_weight=force_weight)
     typer.echo(json.dumps(train_qat(cfg, model, qcfg, resume=resume)))
+
+
+@app.command("float-head")
+@user_errors
+def float_head_cmd(
+    model: str = typer.Argument(..., help="w8a8 checkpoint path or bundled model name (e.g. ethanol-int8)"),
+    out: Path = typer.Option(..., "-o", "--out", help="new checkpoint (.pt)"),
+):
+    """The same quantized model with its energy head's activations in float (int8 weights kept), no retraining."""
+    from .nn.checkpoint import load_model, load_payload, save_model
+    from .nn.quant import with_float_head
+
+    converted = with_float_head(load_model(model))
+    save_model(out, converted, **load_payload(model).get("meta", {}), float_head_from=str(model))
+    typer.echo(f"wrote {out} ({converted.quant_cfg.precision()})")
 
 
 @app.command()

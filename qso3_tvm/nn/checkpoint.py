@@ -1,5 +1,9 @@
 """Checkpoints: a CPU state dict + config dict, loadable with torch.load(weights_only=True).
 
+Quantized models store the weights of their quantized Linears as int8 codes (`<linear>.weight`, dtype
+int8, next to its per-channel step `<linear>.w_quant.step`); loading dequantizes them to codes · step,
+which the model's weight quantizer maps back to the same codes. Older checkpoints with float weights load as before.
+
 Writes are atomic (temporary file + rename): an interrupt never leaves a half-written checkpoint.
 """
 
@@ -25,10 +29,29 @@ def atomic_save(obj, path: str | Path) -> None:
 
 def model_payload(model: So3krates, **meta) -> dict:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state.update(int8_weight_codes(model))
     payload = {"format": "qso3-tvm/1", "config": model.cfg.to_dict(), "state_dict": state, "meta": meta}
     if getattr(model, "quant_cfg", None) is not None:
         payload["quant"] = model.quant_cfg.to_dict()
     return payload
+
+
+def int8_weight_codes(model: So3krates) -> dict:
+    """{'<linear>.weight': int8 codes} of every calibrated quantized Linear of the model."""
+    from .quant import QuantLinear
+
+    return {f"{name}.weight": m.w_quant.codes(m.weight.detach()).to(torch.int8).cpu()
+            for name, m in model.named_modules() if isinstance(m, QuantLinear) and bool(m.w_quant.initialized)}
+
+
+def dequantize_state(state: dict) -> dict:
+    """The state dict with int8 weight codes turned into float weights codes · step (see module docstring)."""
+    out = dict(state)
+    for key, codes in state.items():
+        step = state.get(key[:-len("weight")] + "w_quant.step")
+        if key.endswith(".weight") and codes.dtype == torch.int8 and step is not None:
+            out[key] = codes.to(step.dtype) * step.abs().clamp(min=1e-8).reshape(-1, *[1] * (codes.dim() - 1))
+    return out
 
 
 def save_model(path: str | Path, model: So3krates, **meta) -> None:
@@ -68,9 +91,7 @@ def build_model(config: dict, quant: dict | None = None) -> So3krates:
 
 def precision(model: So3krates) -> str:
     qcfg = getattr(model, "quant_cfg", None)
-    if qcfg is None:
-        return "fp32"
-    return f"w{qcfg.w_bits}a{qcfg.a_bits}-{qcfg.vector}"
+    return "fp32" if qcfg is None else qcfg.precision()
 
 
 def load_model(spec: str | Path) -> So3krates:
@@ -79,7 +100,7 @@ def load_model(spec: str | Path) -> So3krates:
     path = resolve_model_path(spec)
     try:
         model = build_model(payload["config"], payload.get("quant"))
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict(dequantize_state(payload["state_dict"]))
     except QSO3Error as e:
         raise QSO3Error(f"{path}: {e}") from None
     except (TypeError, ValueError, RuntimeError, KeyError) as e:  # config fields, shapes, missing weights

@@ -26,6 +26,14 @@ Which tensors are quantized (QuantConfig defaults):
     (exp and normalization) and the neighbor sums (accumulators); the per-element energy shifts.
   vector-branch Linears (channel mixing of l=1 features) take the MDDQ-decoded vectors: their
     weights are int8 but their inputs are not re-quantized component-wise, which would undo MDDQ.
+
+Precisions (`PRECISIONS`, QuantConfig.precision()):
+  w8a8   the above (the paper's; fastest). `float_head=True` leaves the energy head's input and hidden
+         activations in float (its weights stay int8): most of w8a8's energy error is rounding there.
+  w8     weights only (`weight_only=True`): int8 weights, every activation in float (no LSQ activation
+         quantizers, no MDDQ, no fixed-grid attention). The energy is a smooth function of the
+         positions, the forces are its exact gradient and the features stay exactly equivariant.
+  w4a8, w4: the same with int4 weights.
 """
 
 from __future__ import annotations
@@ -195,30 +203,59 @@ class QuantConfig:
     branch_separate: bool = True  # own quantizers and learning rates per branch
     lr_scalar: float = 3e-4
     lr_vector: float = 1e-4
+    weight_only: bool = False  # w8: int8 weights, float activations (implies vector "none", attention and staging off)
+    float_head: bool = False  # w8a8: the energy head's activations in float (its weights int8)
 
     def __post_init__(self):
+        if self.weight_only:  # nothing but weights is quantized: no vector/attention quantizers to stage
+            self.vector, self.attention, self.staged = "none", False, False
         bad = [f"{k} {getattr(self, k)!r}" for k, ok in (
             ("w_bits", self.w_bits in (4, 8)), ("a_bits", self.a_bits == 8),
             ("vector", self.vector in ("mddq", "naive", "none")), ("direction_grid", self.direction_grid in ("cube", "sphere")),
             ("warmup_epochs", isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0),
-            ("lr_scalar", self.lr_scalar > 0), ("lr_vector", self.lr_vector > 0)) if not ok]
+            ("lr_scalar", self.lr_scalar > 0), ("lr_vector", self.lr_vector > 0),
+            ("weight_only", isinstance(self.weight_only, bool)), ("float_head", isinstance(self.float_head, bool))) if not ok]
         if bad:
             raise QSO3Error("invalid quantization config: " + "; ".join(bad))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def precision(self) -> str:
+        """The precision string of manifests and backends: 'w8' (weights only), 'w8a8-mddq',
+        'w8a8-mddq-float-head'."""
+        if self.weight_only:
+            return f"w{self.w_bits}"
+        return f"w{self.w_bits}a{self.a_bits}-{self.vector}" + ("-float-head" if self.float_head else "")
+
+
+PRECISIONS = {"w8a8": (8, False), "w8": (8, True), "w4a8": (4, False), "w4": (4, True)}  # name: (w_bits, weight_only)
+
+
+def parse_precision(precision: str | None, w_bits: int | None) -> tuple[int, bool]:
+    """(w_bits, weight_only) of a --precision name and/or --w-bits; QSO3Error when unknown or inconsistent."""
+    if precision is None:
+        precision = "w4a8" if w_bits == 4 else "w8a8"
+    if precision not in PRECISIONS:
+        raise QSO3Error(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    bits, weight_only = PRECISIONS[precision]
+    if w_bits is not None and w_bits != bits:
+        raise QSO3Error(f"--w-bits {w_bits} contradicts --precision {precision} ({bits}-bit weights)")
+    return bits, weight_only
+
 
 VECTOR_LINEARS = ("vec_value", "vec_uv")
 
 
-def _act(cfg: QuantConfig, signed: bool = True) -> LSQ:
-    return LSQ(cfg.a_bits, signed=signed)
+def _act(cfg: QuantConfig, signed: bool = True) -> LSQ | None:
+    """The input quantizer of a scalar-branch Linear; None (float input) in weight-only precisions."""
+    return None if cfg.weight_only else LSQ(cfg.a_bits, signed=signed)
 
 
-def _quantize_mlp(seq: nn.Sequential, cfg: QuantConfig, first_signed: bool = True) -> None:
-    seq[0] = QuantLinear(seq[0], cfg.w_bits, _act(cfg, first_signed))
-    seq[2] = QuantLinear(seq[2], cfg.w_bits, _act(cfg))
+def _quantize_mlp(seq: nn.Sequential, cfg: QuantConfig, first_signed: bool = True, float_inputs: bool = False) -> None:
+    acts = (None, None) if float_inputs else (_act(cfg, first_signed), _act(cfg))
+    seq[0] = QuantLinear(seq[0], cfg.w_bits, acts[0])
+    seq[2] = QuantLinear(seq[2], cfg.w_bits, acts[1])
 
 
 def _quantize_layer(layer: InteractionLayer, cfg: QuantConfig) -> None:
@@ -247,9 +284,23 @@ def quantize_model(model: So3krates, cfg: QuantConfig) -> So3krates:
     q = copy.deepcopy(model)
     for layer in q.layers:
         _quantize_layer(layer, cfg)
-    _quantize_mlp(q.head, cfg)
+    _quantize_mlp(q.head, cfg, float_inputs=cfg.float_head)
     q.quant_cfg = cfg
     return q.to(next(model.parameters()).dtype)
+
+
+def with_float_head(model: So3krates) -> So3krates:
+    """A copy of a fake-quantized model whose energy head takes float activations (its int8 weights
+    and everything else unchanged): no retraining needed."""
+    cfg = getattr(model, "quant_cfg", None)
+    if cfg is None or cfg.weight_only:
+        raise QSO3Error("a float energy head needs a model with quantized activations (w8a8, w4a8), not "
+                        + ("fp32" if cfg is None else cfg.precision()))
+    out = copy.deepcopy(model)
+    for linear in (out.head[0], out.head[2]):
+        linear.act = nn.Identity()
+    out.quant_cfg = QuantConfig(**{**cfg.to_dict(), "float_head": True})
+    return out
 
 
 def is_vector_quantizer(name: str, module: nn.Module) -> bool:

@@ -48,7 +48,7 @@ class TrainConfig:
 
     def __post_init__(self):
         bad = [f"{k} {getattr(self, k)!r}" for k, ok in (
-            ("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
+            ("epochs", self.epochs >= 0), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
             ("n_train", self.n_train >= 1), ("n_val", self.n_val >= 1), ("ema_decay", 0 <= self.ema_decay < 1),
             ("max_minutes", self.max_minutes >= 0), ("threads", self.threads >= 0), ("lee_weight", self.lee_weight >= 0),
             ("energy_weight", self.energy_weight >= 0), ("force_weight", self.force_weight >= 0)) if not ok]
@@ -212,6 +212,8 @@ def start_run(cfg: TrainConfig, resume: bool) -> dict | None:
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool = True) -> dict:
     """Train fp32 (or resume from out/last.pt) and return a summary; best EMA weights in out/best.pt."""
+    if cfg.epochs == 0:
+        raise QSO3Error("--epochs 0 (no training) is for quantize only (post-training quantization)")
     mols = load_dataset(cfg.data, "train")
     state = start_run(cfg, resume)
     if state is not None:
@@ -228,11 +230,12 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, resume: bool =
 
 
 def train_qat(cfg: TrainConfig, fp32_model: str, qcfg, resume: bool = True) -> dict:
-    """Quantization-aware training from an fp32 checkpoint (see nn.quant); best EMA in out/best.pt."""
+    """Quantization-aware training from an fp32 checkpoint (see nn.quant); best EMA in out/best.pt.
+    `cfg.epochs == 0`: post-training quantization (calibrated, shifts refitted, validated, saved)."""
     from .checkpoint import build_model, load_model
     from .quant import param_groups, quantize_model, set_stage
 
-    state = start_run(cfg, resume)
+    state = start_run(cfg, resume) if cfg.epochs else None
     base = None if state is not None else load_model(fp32_model)  # model errors before reading data
     if base is not None and getattr(base, "quant_cfg", None) is not None:
         raise QSO3Error(f"{fp32_model} is already quantized: quantize starts from an fp32 checkpoint")
@@ -245,11 +248,35 @@ def train_qat(cfg: TrainConfig, fp32_model: str, qcfg, resume: bool = True) -> d
         with torch.no_grad():  # calibrate every quantizer's step on training frames before staging
             batch = make_batch(mols, train_idx[:32], model.cfg.species, model.cfg.cutoff)
             model(batch.species, batch.pos, batch.mol, batch.src, batch.dst, batch.n_mol)
+        refit_energy_shift(model, mols.subset(train_idx[:1000]))
     qcfg = model.quant_cfg
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, model, mols, param_groups=param_groups(model, qcfg),
-                      on_epoch=lambda m, epoch: set_stage(m, epoch, qcfg))
+    staging = lambda m, epoch: set_stage(m, epoch if cfg.epochs else qcfg.warmup_epochs, qcfg)  # noqa: E731 (0 epochs: all on)
+    trainer = Trainer(cfg, model, mols, param_groups=param_groups(model, qcfg), on_epoch=staging)
     if state is not None:
         trainer.load_state(state)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    return trainer.fit()
+    return trainer.fit() if cfg.epochs else post_training(trainer)
+
+
+def refit_energy_shift(model: So3krates, mols: MoleculeSet) -> list[float]:
+    """Add to the per-element energy shifts their least-squares correction on `mols` (quantizing the weights
+    offsets the energy by a near-constant); returns the correction (eV per element)."""
+    from .metrics import predict
+
+    if mols.energies is None or not len(mols):
+        return []
+    energies, _ = predict(model, mols)
+    frames = [mols.frame(i)[0] for i in range(len(mols))]
+    delta = fit_energy_shift(frames, mols.energies - energies, model.cfg.species)
+    model.cfg.energy_shift = [a + b for a, b in zip(model.cfg.energy_shift or [0.0] * len(delta), delta)]
+    return delta
+
+
+def post_training(trainer: Trainer) -> dict:
+    """--epochs 0: the calibrated model as it is (post-training quantization), validated, saved as out/best.pt."""
+    start = time.time()
+    val_e, val_f = trainer.validate()
+    save_model(trainer.out / "best.pt", trainer.ema, epoch=0, val_energy_mae_mev=val_e, val_force_mae_mev_per_a=val_f,
+               data=trainer.cfg.data, post_training=True)
+    return {"epochs": 0, "val_energy_mae_mev": val_e, "val_force_mae_mev_per_a": val_f, "seconds": time.time() - start}
