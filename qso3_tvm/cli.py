@@ -365,15 +365,21 @@ def md(
     friction: float = typer.Option(10.0, help="Langevin friction (1/ps)"),
     seed: int = typer.Option(0),
     traj_every: int = typer.Option(20, help="write a trajectory frame every N steps"),
-    log_every: int = typer.Option(1, help="log energies and check stability every N steps"),
+    log_every: Optional[int] = typer.Option(None, help="log energies and check stability every N steps "
+                                            "(default 1; with --mts-model: every --mts-every steps)"),
     max_com_distance: float = typer.Option(10.0, help="Å from the centre of mass beyond which an atom counts as lost"),
+    mts_model: Optional[str] = typer.Option(None, "--mts-model", help="multiple time stepping (NVE): conservative model "
+                                            "(w8 or fp32 checkpoint, or artifact) whose correction F_cons − F_model "
+                                            "kicks every --mts-every steps; MODEL gives the cheap inner forces"),
+    mts_every: int = typer.Option(8, "--mts-every", help="M: inner steps per conservative correction (with --mts-model)"),
     rpc: Optional[str] = typer.Option(None, "--rpc", help="run the artifact on a board HOST:PORT"),
     rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="tracker HOST:PORT"),
     rpc_key: Optional[str] = typer.Option(None, "--rpc-key"),
     threads: int = typer.Option(0, help="torch / TVM threads (0: default)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
 ):
-    """Molecular dynamics (NVE or Langevin) with stability checks and energy-drift summary."""
+    """Molecular dynamics (NVE or Langevin) with stability checks and energy-drift summary; multiple time
+    stepping (cheap MODEL forces, a conservative correction every M steps) with --mts-model."""
     try:
         from .apps.md import MDConfig, run
     except ImportError as e:
@@ -381,7 +387,7 @@ def md(
 
     cfg = MDConfig(ensemble=ensemble, steps=steps, time_ps=time_ps, dt_fs=dt_fs, temperature=temperature,
                    friction=friction, seed=seed, traj_every=traj_every, log_every=log_every,
-                   max_com_distance=max_com_distance)
+                   max_com_distance=max_com_distance, mts_model=mts_model, mts_every=mts_every)
     summary = run(model, data, cfg, out, frame=frame, rpc=rpc, tracker=rpc_tracker, key=rpc_key, threads=threads,
                   log=(lambda *_: None) if as_json else typer.echo)
     if as_json:

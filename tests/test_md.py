@@ -3,6 +3,7 @@ stability checks, atomic writes, bad input)."""
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,73 @@ def test_md_cli_bad_input(args, message, eager_ckpt, ethanol_test, tmp_path):
     r = runner.invoke(app, base + args)
     assert r.exit_code == 2 and message in r.stderr and r.stderr.startswith("error:")
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------- multiple time stepping (RESPA)
+@pytest.fixture(scope="module")
+def mts_ckpts(tmp_path_factory):
+    """Tiny float64 checkpoints of one fp32 model: fp32, w8a8 (cheap, non-conservative) and w8 (conservative)."""
+    from qso3_tvm.nn.checkpoint import save_model
+    from qso3_tvm.nn.quant import QuantConfig, quantize_model
+    from qso3_tvm.nn.testing import model_energy_forces, tiny_model
+
+    tmp = tmp_path_factory.mktemp("mts")
+    fp32 = tiny_model(torch.float64, seed=2, energy_shift=ENERGY_SHIFT_EV)
+    z, pos = load_rmd17(Path(__file__).parent / "data" / "rmd17_ethanol_test_mini.npz").frame(0)
+    save_model(tmp / "fp32.pt", fp32)
+    for name, cfg in (("w8a8", QuantConfig()), ("w8", QuantConfig(weight_only=True))):
+        q = quantize_model(fp32, cfg)
+        model_energy_forces(q, z, pos)  # calibrate on the molecule the runs start from
+        save_model(tmp / f"{name}.pt", q)
+    return tmp
+
+
+def eager64(path):
+    return QSO3Calculator.from_model(EagerModel(path, dtype=torch.float64))
+
+
+def test_mts_every_1_is_velocity_verlet_with_the_conservative_forces(mts_ckpts, ethanol):
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    def trajectory(dyn_of, calc, steps=15):
+        atoms = ethanol.copy()
+        atoms.calc = calc
+        qmd.init_velocities(atoms, 300.0, seed=0)
+        dyn_of(atoms).run(steps)
+        return atoms.positions.copy(), atoms.get_momenta()
+
+    dt, cons = 0.5 * units.fs, eager64(mts_ckpts / "fp32.pt")
+    ref = trajectory(lambda a: VelocityVerlet(a, timestep=dt), cons)
+    for every, same in ((1, True), (5, False)):
+        got = trajectory(lambda a: qmd.RESPA(a, dt, cons, every), eager64(mts_ckpts / "w8a8.pt"))
+        assert all(np.allclose(g, r, rtol=0, atol=1e-10) for g, r in zip(got, ref)) == same
+
+
+def test_mts_conserves_energy_better_than_the_cheap_model(mts_ckpts, ethanol_test, tmp_path):
+    runs = {}
+    for name, extra in (("cheap", []), ("mts", ["--mts-model", str(mts_ckpts / "w8.pt"), "--mts-every", "4"])):
+        r = runner.invoke(app, ["md", str(mts_ckpts / "w8a8.pt"), "--data", str(ethanol_test), "-o", str(tmp_path / name),
+                                "--steps", "80", "--threads", "1", "--json", *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = json.loads(r.stdout)
+    mts = runs["mts"]
+    assert mts["mts_backend"] == "torch:w8" and mts["config"]["log_every"] == 4 and mts["steps_done"] == 80
+    with open(tmp_path / "mts" / "log.csv") as fh:
+        assert [int(row["step"]) for row in csv.DictReader(fh)] == list(range(0, 81, 4))
+    cheap_e, mts_e = runs["cheap"]["energy"], mts["energy"]
+    assert mts_e["max_abs_detot_mev"] < 0.2 * cheap_e["max_abs_detot_mev"]
+    assert abs(mts_e["drift_mev_per_atom_per_ps"]) < 0.2 * abs(cheap_e["drift_mev_per_atom_per_ps"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mts-every", "3"], "must be multiples of 3"),
+    (["--mts-every", "0"], "--mts-every must be an integer >= 1"),
+    (["--ensemble", "langevin"], "needs --ensemble nve"),
+    (["--log-every", "3"], "must be multiples of 4"),
+])
+def test_mts_bad_options(args, message, mts_ckpts, ethanol_test, tmp_path):
+    base = ["md", str(mts_ckpts / "w8a8.pt"), "--data", str(ethanol_test), "-o", str(tmp_path / "out"), "--steps", "8",
+            "--mts-model", str(mts_ckpts / "w8.pt"), "--mts-every", "4"]
+    r = runner.invoke(app, base + args)
+    assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output

@@ -11,6 +11,13 @@ Checks (summary["stability"]), all from the start geometry:
 - lost atoms: an atom farther than `max_com_distance` Å from the centre of mass; NaN coordinates or energies;
 - NVE only: total-energy drift, the slope of a linear fit of Etot per atom against time (meV/atom/ps),
   and max |Etot − Etot(0)|.
+
+Multiple time stepping (`mts_model`, `mts_every` = M; NVE): reversible RESPA in impulse form. The inner
+steps are velocity Verlet with the cheap forces of `model` (e.g. w8a8, whose forces are not the gradient
+of its energy); every M steps the momenta get the slow force F_cons − F_cheap of the conservative model
+(w8 or fp32) as two kicks of M·dt/2, one before the first and one after the last inner step. The
+dynamics follow F_cons on average, so Etot = Ekin + E_cons is the conserved quantity: it is what the log
+records, every `log_every` steps (a multiple of M, when momenta are synchronized).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import units
+from ase.md.verlet import VelocityVerlet
 
 from ..errors import QSO3Error
 from ..files import atomic_path
@@ -41,20 +49,37 @@ class MDConfig:
     friction: float = 10.0  # 1/ps, Langevin only
     seed: int = 0
     traj_every: int = 20
-    log_every: int = 1
+    log_every: int | None = None  # default 1, with MTS every M
     max_com_distance: float = 10.0  # Å
+    mts_model: str | None = None  # conservative model (checkpoint or artifact) of multiple time stepping
+    mts_every: int = 8  # M: inner steps per conservative correction
 
     def n_steps(self) -> int:
         if self.ensemble not in ENSEMBLES:
             raise QSO3Error(f"--ensemble must be one of {', '.join(ENSEMBLES)}, not {self.ensemble!r}")
         if self.steps is not None and self.time_ps is not None:
             raise QSO3Error("give --steps or --time-ps, not both")
+        if self.mts_model and (not isinstance(self.mts_every, int) or self.mts_every < 1):
+            raise QSO3Error(f"--mts-every must be an integer >= 1, not {self.mts_every!r}")
+        if self.log_every is None:
+            self.log_every = self.mts_every if self.mts_model else 1
         if self.dt_fs <= 0 or self.temperature < 0 or self.friction < 0 or self.traj_every < 1 or self.log_every < 1:
             raise QSO3Error("--dt-fs must be > 0; --temperature, --friction >= 0; --traj-every, --log-every >= 1")
         n = self.steps if self.steps is not None else (round(self.time_ps * 1000 / self.dt_fs) if self.time_ps is not None else 1000)
         if n < 1:
             raise QSO3Error(f"the run must have at least one step (got {n})")
+        if self.mts_model:
+            self.check_mts(n)
         return int(n)
+
+    def check_mts(self, n: int) -> None:
+        """Multiple time stepping: NVE, whole outer steps, energies logged when momenta are synchronized."""
+        if self.ensemble != "nve":
+            raise QSO3Error("--mts-model needs --ensemble nve (multiple time stepping is implemented for NVE)")
+        M = self.mts_every
+        if n % M or self.log_every % M:
+            raise QSO3Error(f"with --mts-every {M}, the number of steps ({n}) and --log-every ({self.log_every}) "
+                            f"must be multiples of {M}")
 
 
 # ---------------------------------------------------------------- inputs
@@ -71,15 +96,20 @@ def load_start(data: str, frame: int = 0):
     return Atoms(numbers=numbers, positions=positions, pbc=False)
 
 
+def is_artifact(model: str) -> bool:
+    from ..graph.convention import MANIFEST
+
+    return (Path(model) / MANIFEST).is_file()
+
+
 def make_calculator(model: str, rpc: str | None = None, tracker: str | None = None, key: str | None = None,
                     threads: int = 0):
     """A checkpoint spec → eager; a folder with manifest.json → compiled here; with rpc/tracker → a board."""
-    from ..graph.convention import MANIFEST
     from ..runtime.calculator import QSO3Calculator
 
     if rpc or tracker:
         return QSO3Calculator.from_rpc(model, rpc=rpc, tracker=tracker, key=key, threads=threads)
-    if (Path(model) / MANIFEST).is_file():
+    if is_artifact(model):
         return QSO3Calculator.from_compiled(model, threads=threads)
     from ..nn.eager import EagerModel
 
@@ -101,15 +131,42 @@ def ps(dyn) -> float:
     return dyn.get_time() / (1000 * units.fs)
 
 
-def make_dynamics(atoms, cfg: MDConfig):
+def make_dynamics(atoms, cfg: MDConfig, conservative=None):
+    """ASE dynamics for the config; RESPA (multiple time stepping) when a conservative calculator is given."""
     from ase.md.langevin import Langevin
-    from ase.md.verlet import VelocityVerlet
 
     dt = cfg.dt_fs * units.fs
+    if conservative is not None:
+        return RESPA(atoms, dt, conservative, cfg.mts_every)
     if cfg.ensemble == "nve":
         return VelocityVerlet(atoms, timestep=dt)
     return Langevin(atoms, timestep=dt, temperature_K=cfg.temperature, friction=cfg.friction / (1000 * units.fs),
                     fixcm=False, rng=np.random.default_rng(cfg.seed + 1))  # the centre of mass: FixCom in run_md
+
+
+class RESPA(VelocityVerlet):
+    """Reversible RESPA (impulse form, see module docstring): inner velocity Verlet on atoms.calc (the cheap
+    forces); the slow force `conservative` − cheap as kicks of every·dt/2 around each block of `every` steps."""
+
+    def __init__(self, atoms, timestep: float, conservative, every: int):
+        super().__init__(atoms, timestep=timestep)
+        self.conservative, self.every = conservative, every
+
+    def kick(self) -> None:
+        slow = self.conservative.get_forces(self.atoms) - self.atoms.get_forces(md=True)
+        self.atoms.set_momenta(self.atoms.get_momenta() + 0.5 * self.every * self.dt * slow)
+
+    def step(self, forces=None):
+        if self.nsteps % self.every == 0:
+            self.kick()
+        forces = super().step(forces)
+        if (self.nsteps + 1) % self.every == 0:
+            self.kick()
+        return forces
+
+    def potential_energy(self) -> float:
+        """The conserved potential: the conservative model's energy."""
+        return self.conservative.get_potential_energy(self.atoms)
 
 
 # ---------------------------------------------------------------- monitoring
@@ -121,6 +178,7 @@ class Monitor:
         from scipy.spatial.distance import pdist
 
         self.atoms, self.dyn, self.cfg = atoms, dyn, cfg
+        self.potential_energy = getattr(dyn, "potential_energy", atoms.get_potential_energy)  # RESPA: conservative
         n = len(atoms)
         i, j = np.triu_indices(n, 1)
         d0, radii = pdist(atoms.positions), covalent_radii[atoms.numbers]
@@ -138,7 +196,7 @@ class Monitor:
 
         step, t_ps = self.dyn.nsteps, ps(self.dyn)
         pos, atoms = self.atoms.positions, self.atoms
-        epot, ekin = atoms.get_potential_energy(), atoms.get_kinetic_energy()
+        epot, ekin = self.potential_energy(), atoms.get_kinetic_energy()
         self.rows.append((step, t_ps, epot, ekin, epot + ekin, atoms.get_temperature()))
         if not (np.isfinite(pos).all() and np.isfinite(epot)):
             self.flag("nan", step, t_ps, "non-finite coordinates or energy")
@@ -241,8 +299,9 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 # ---------------------------------------------------------------- the run
-def run_md(atoms, calc, cfg: MDConfig, outdir: str | Path, meta: dict | None = None, log=print) -> dict:
-    """Run MD from `atoms` (positions only are used) and write the OUTDIR files; returns the summary."""
+def run_md(atoms, calc, cfg: MDConfig, outdir: str | Path, meta: dict | None = None, log=print, conservative=None) -> dict:
+    """Run MD from `atoms` (positions only are used) and write the OUTDIR files; returns the summary.
+    `conservative`: the calculator of the multiple-time-stepping correction (cfg.mts_every)."""
     from ase.io import write
 
     n_steps, outdir = cfg.n_steps(), Path(outdir)
@@ -257,7 +316,7 @@ def run_md(atoms, calc, cfg: MDConfig, outdir: str | Path, meta: dict | None = N
         atoms.set_constraint(FixCom())
     init_velocities(atoms, cfg.temperature, cfg.seed)
     atoms.get_forces()  # input errors (unknown element, size limits) surface here, before any file is written
-    dyn = make_dynamics(atoms, cfg)
+    dyn = make_dynamics(atoms, cfg, conservative)
     monitor = Monitor(atoms, dyn, cfg)
     dyn.attach(monitor.record, interval=cfg.log_every)
     start = time.perf_counter()
@@ -265,7 +324,10 @@ def run_md(atoms, calc, cfg: MDConfig, outdir: str | Path, meta: dict | None = N
         dyn.attach(lambda: write(traj, atoms, format="extxyz"), interval=cfg.traj_every)
         aborted, failure = run_steps(dyn, monitor, n_steps, log)
     wall = time.perf_counter() - start
-    summary = finish(monitor, cfg, outdir, n_steps, wall, aborted, {**(meta or {}), "backend": calc.backend}, log)
+    meta = {**(meta or {}), "backend": calc.backend}
+    if conservative is not None:
+        meta["mts_backend"] = conservative.backend
+    summary = finish(monitor, cfg, outdir, n_steps, wall, aborted, meta, log)
     if isinstance(failure, KeyboardInterrupt):
         raise failure
     if failure is not None:  # the backend broke (a board died, a session ended): the finished steps are kept
@@ -337,5 +399,10 @@ def run(model: str, data: str, cfg: MDConfig, outdir: str | Path, frame: int = 0
     check_outdir(Path(outdir))
     atoms = load_start(data, frame)
     calc = make_calculator(model, rpc, tracker, key, threads)
+    conservative = None
+    if cfg.mts_model:  # on the board too when it is an artifact and a board is given
+        remote = (rpc or tracker) and is_artifact(cfg.mts_model)
+        conservative = make_calculator(cfg.mts_model, rpc, tracker, key, threads) if remote else make_calculator(
+            cfg.mts_model, threads=threads)
     meta = {"model": str(model), "data": str(data), "frame": frame}
-    return run_md(atoms, calc, cfg, outdir, meta, log)
+    return run_md(atoms, calc, cfg, outdir, meta, log, conservative=conservative)
