@@ -108,6 +108,8 @@ def quantize(
     energy_weight: float = typer.Option(1.0, help="loss weight of the per-atom energy error (eV²)"),
     force_weight: float = typer.Option(100.0, help="loss weight of the force error ((eV/Å)²)"),
     rotate: bool = typer.Option(True, help="random rotation of each training batch"),
+    refit_shifts: bool = typer.Option(True, help="refit the per-element energy shifts on the training frames after "
+                                      "calibration and at the end (--no-refit-shifts: the recipe before they were)"),
     batch_size: int = typer.Option(8),
     n_train: int = typer.Option(950),
     n_val: int = typer.Option(50),
@@ -128,7 +130,8 @@ def quantize(
                        lr_scalar=lr_scalar, lr_vector=lr_vector, weight_only=weight_only, float_head=float_head)
     cfg = TrainConfig(data=data, out=str(out), epochs=epochs, batch_size=batch_size, lr=lr_scalar, n_train=n_train,
                       n_val=n_val, seed=seed, max_minutes=max_minutes, threads=threads, rotate=rotate,
-                      lee_weight=lee_weight, energy_weight=energy_weight, force_weight=force_weight)
+                      lee_weight=lee_weight, energy_weight=energy_weight, force_weight=force_weight,
+                      refit_shifts=refit_shifts)
     typer.echo(json.dumps(train_qat(cfg, model, qcfg, resume=resume)))
 
 

@@ -114,6 +114,9 @@ def test_cli_quantize_w8_post_training_and_float_head(tmp_path, ethanol_train):
     w8 = load_model(tmp_path / "w8" / "best.pt")
     assert precision(w8) == "w8" and not (tmp_path / "w8" / "last.pt").exists()
     assert w8.cfg.energy_shift != ENERGY_SHIFT_EV  # refitted to the training frames
+    r = runner.invoke(app, ["quantize", str(tmp_path / "fp32.pt"), "-o", str(tmp_path / "w8_kept"), "--precision", "w8",
+                            "--no-refit-shifts", *common])
+    assert r.exit_code == 0 and load_model(tmp_path / "w8_kept" / "best.pt").cfg.energy_shift == ENERGY_SHIFT_EV, r.output
     r = runner.invoke(app, ["quantize", str(tmp_path / "fp32.pt"), "-o", str(tmp_path / "q"), *common])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["float-head", str(tmp_path / "q" / "best.pt"), "-o", str(tmp_path / "fh.pt")])

@@ -45,6 +45,7 @@ class TrainConfig:
     threads: int = 0  # torch threads (0: torch default)
     rotate: bool = False  # random rotation of every training batch (QAT: quantized models are not exactly equivariant)
     lee_weight: float = 0.0  # weight of the LEE penalty mean ‖Rᵀ F(R x) − F(x)‖² in (meV/Å)²
+    refit_shifts: bool = True  # QAT: refit the energy shifts after calibration and on the best model at the end
 
     def __post_init__(self):
         bad = [f"{k} {getattr(self, k)!r}" for k, ok in (
@@ -248,7 +249,8 @@ def train_qat(cfg: TrainConfig, fp32_model: str, qcfg, resume: bool = True) -> d
         with torch.no_grad():  # calibrate every quantizer's step on training frames before staging
             batch = make_batch(mols, train_idx[:32], model.cfg.species, model.cfg.cutoff)
             model(batch.species, batch.pos, batch.mol, batch.src, batch.dst, batch.n_mol)
-        refit_energy_shift(model, mols.subset(train_idx[:1000]))
+        if cfg.refit_shifts:
+            refit_energy_shift(model, mols.subset(train_idx[:1000]))
     qcfg = model.quant_cfg
     torch.manual_seed(cfg.seed)
     staging = lambda m, epoch: set_stage(m, epoch if cfg.epochs else qcfg.warmup_epochs, qcfg)  # noqa: E731 (0 epochs: all on)
@@ -259,7 +261,7 @@ def train_qat(cfg: TrainConfig, fp32_model: str, qcfg, resume: bool = True) -> d
     if not cfg.epochs:
         return post_training(trainer)
     summary = trainer.fit()
-    return {**summary, **refit_best(trainer)}
+    return {**summary, **refit_best(trainer)} if cfg.refit_shifts else summary
 
 
 def refit_best(trainer: Trainer) -> dict:
