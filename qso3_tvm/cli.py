@@ -183,11 +183,18 @@ def compile_cmd(
                                                   help="MetaSchedule database folder from `qso3-tvm tune` (static bucket build)"),
     bucket: Optional[str] = typer.Option(None, "--bucket", help="static sizes ATOMS,EDGES,MOLECULES or a name "
                                          "(ethanol, qm9-32); default with --tuning-records: the database's first"),
+    specialize: Optional[list[str]] = typer.Option(
+        None, "--specialize", help="sizes ATOMS,EDGES,MOLECULES (or ethanol, qm9-32) of calls that get a static copy of "
+        "the model in the library, padded to the smallest that fits (repeatable; 'none' for none; default: one per "
+        "packaged sample molecule of the model's elements)"),
 ):
     """Compile energy+forces for a target: shared library + manifest.json, checked against PyTorch."""
     from .compiler.compile import compile_model
 
-    info = compile_model(model, target, out, check=check, log=typer.echo, bucket=bucket, tuning_records=tuning_records)
+    if specialize and [s.strip().lower() for s in specialize] == ["none"]:
+        specialize = []
+    info = compile_model(model, target, out, check=check, log=typer.echo, bucket=bucket, tuning_records=tuning_records,
+                         specialize=specialize)
     typer.echo(f"wrote {out}/{info['library']} ({info['target']['name']}, {info['model']['precision']})")
 
 

@@ -24,7 +24,18 @@ import torch
 from .. import __version__
 from ..errors import QSO3Error
 from ..files import log_tail, sha256
-from ..graph.convention import ENTRY_POINTS, MANIFEST, dynamic_inputs, fits_buckets, max_errors, sample_set, write_manifest
+from ..graph.convention import (
+    ENTRY_POINTS,
+    MANIFEST,
+    Bucket,
+    bucket_function,
+    dynamic_inputs,
+    fits_buckets,
+    max_errors,
+    sample_buckets,
+    sample_set,
+    write_manifest,
+)
 from ..nn.checkpoint import load_model, precision, resolve_model_path
 from ..nn.int8 import int8_weight_bytes
 from ..nn.metrics import predict
@@ -53,15 +64,16 @@ def tolerances(prec: str) -> tuple[float, float]:
     return (float(os.environ.get("QSO3_COMPILE_TOL_E_MEV", e)), float(os.environ.get("QSO3_COMPILE_TOL_F_MEV", f)))
 
 
-def build(model, spec: TargetSpec, bucket=None, tuning_records=None, stages: Stages | None = None):
+def build(model, spec: TargetSpec, bucket=None, tuning_records=None, stages: Stages | None = None, specialize=()):
     """Relax executable of the model's energy+forces graph for a target (symbolic sizes, or the
-    static sizes of a bucket; with a MetaSchedule database applied, see compiler.tuning)."""
+    static sizes of a bucket; with a MetaSchedule database applied, see compiler.tuning); `specialize`:
+    buckets that get static copies of the entry points in a symbolic build (graph.convention)."""
     import tvm
 
     stages = stages or Stages(STAGES, log=lambda *_: None)
     target = spec.tvm_target()
     with stages.run("export and import to Relax"):
-        mod = relax_module(model, spec, bucket=bucket)
+        mod = relax_module(model, spec, bucket=bucket, specialize=specialize)
         if tuning_records:
             mod = apply_tuning_records(mod, tuning_target(spec), tuning_records)
     with stages.run("build with TVM"):
@@ -99,7 +111,10 @@ def parity(model, artifact: Path, ref: dict) -> dict:
     compiled = CompiledModel(artifact)
     if compiled.manifest["inputs"].get("buckets"):  # a static build checks the samples that fit it
         mols, ref = parity_subset(compiled, mols, ref)
-    return {**max_errors(ref, *compiled.predict(mols)), "samples_checked": len(mols)}
+    errors = [max_errors(ref, *compiled.predict(mols))]  # one call on all samples: the symbolic function
+    if compiled.manifest["inputs"].get("specialized"):  # one call per sample: the specialized copies
+        errors.append(max_errors(ref, *compiled.predict(mols, batch_size=1)))
+    return {k: max(e[k] for e in errors) for k in errors[0]} | {"samples_checked": len(mols)}
 
 
 def parity_subset(compiled, mols, ref: dict):
@@ -144,9 +159,11 @@ BUILD_LOG = "compile.log"  # TVM's own messages during the build, kept in the ar
 
 
 def compile_model(model_spec: str, target: str, out: str | Path, check: bool = True, log=print,
-                  bucket=None, tuning_records=None) -> dict:
+                  bucket=None, tuning_records=None, specialize=None) -> dict:
     """Compile a checkpoint for a target into `out` (library + manifest.json); returns the manifest.
     `tuning_records`: a MetaSchedule database folder (qso3-tvm tune), built at `bucket` or its first.
+    `specialize`: buckets for static copies of a symbolic build's entry points (None: one per packaged
+    sample molecule the model covers, graph.convention.sample_buckets; [] for none).
     `out` must be new, empty, or an earlier artifact (replaced only once the new one is complete)."""
     spec = resolve_target(target)
     log(f"target {target!r} -> {spec.source} {spec.name}: {json.dumps(spec.target)}")
@@ -157,12 +174,18 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
     static_info = None
     if tuning_records or bucket:
         bucket, static_info = static_build_info(bucket, tuning_records, log)
+        specialize = []
+    elif specialize is None:
+        specialize = sample_buckets(model.cfg.species, model.cfg.cutoff)
+    specialize = [Bucket.parse(b) for b in specialize]
+    if specialize:
+        log(f"specialized buckets (atoms,edges,molecules incl. the ghost): {' '.join(b.text for b in specialize)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     stages = Stages(STAGES if check and spec.local else STAGES[:-1], log)
     try:
         with native_output_to(tmp / BUILD_LOG):
-            info = _build_artifact(model, model_path, spec, tmp, stages, bucket, tuning_records, static_info)
+            info = _build_artifact(model, model_path, spec, tmp, stages, bucket, tuning_records, static_info, specialize)
         if check and spec.local:
             with stages.run("check against PyTorch"):
                 info["parity"] = check_parity(model, tmp, info, log)
@@ -183,15 +206,19 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
 
 
 def _build_artifact(model, model_path: Path, spec: TargetSpec, tmp: Path, stages: Stages, bucket, tuning_records,
-                    static_info) -> dict:
+                    static_info, specialize) -> dict:
     """Library and manifest (without the parity result) in `tmp`."""
-    executable = build(model, spec, bucket=bucket, tuning_records=tuning_records, stages=stages)
+    executable = build(model, spec, bucket=bucket, tuning_records=tuning_records, stages=stages, specialize=specialize)
     with stages.run("write library"):
         library = tmp / LIBRARY
         write_library(executable, library, spec)
         info = manifest(model, model_path, spec, library)
         if static_info:
             info.update(static_info)
+        if specialize:
+            info["inputs"]["specialized"] = [b.as_list() for b in specialize]
+            info["functions"].update({bucket_function(e, b): f"{ENTRY_POINTS[e]}, static sizes {b.text}"
+                                      for b in specialize for e in ENTRY_POINTS})
         info["reference"] = reference(model)
     return info
 

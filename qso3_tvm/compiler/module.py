@@ -12,7 +12,9 @@ kernels and weights.
 
 from __future__ import annotations
 
-from ..graph.convention import Bucket
+import tvm
+
+from ..graph.convention import ENTRY_POINTS, Bucket, bucket_function
 from ..nn.int8 import to_int8
 from .export import export_energy_forces
 from .kernels.pipeline import apply_kernels
@@ -28,14 +30,34 @@ def deployable(model, spec: TargetSpec | None = None):
     return to_int8(model, custom_ops=spec is None or spec.device == "cpu")
 
 
-def relax_module(model, spec: TargetSpec | None = None, bucket: Bucket | None = None, target=None):
+def relax_module(model, spec: TargetSpec | None = None, bucket: Bucket | None = None, target=None, specialize=()):
     """The model's energy+forces graph as a Relax module, at symbolic sizes or a static bucket, with our
-    kernels for the target (`spec`'s TVM target, or `target` when given, e.g. tuning's with num-cores)."""
+    kernels for the target (`spec`'s TVM target, or `target` when given, e.g. tuning's with num-cores);
+    `specialize`: buckets that get static copies of the entry points (graph.convention.bucket_function)."""
     cpu = spec is None or spec.device == "cpu"
     mod = add_energy_entry(import_to_relax(export_energy_forces(deployable(model, spec), bucket=bucket), cpu_kernels=cpu))
+    mod = add_bucket_entries(mod, [Bucket.parse(b) for b in specialize])
     target = target if target is not None else (spec.tvm_target() if spec is not None else None)
     if target is not None:
         mod, _ = apply_kernels(mod, target)
+    return mod
+
+
+def add_bucket_entries(mod, buckets):
+    """`mod` with copies of its entry points at each bucket's static sizes: the symbolic atom, edge and
+    molecule counts (the leading sizes of species, src and mol_slots) bound to constants, so that TVM
+    plans their memory at compile time and their kernels have static loops."""
+    from tvm.relax.utils import copy_with_new_vars
+
+    for bucket in buckets:
+        for entry in ENTRY_POINTS:
+            f = copy_with_new_vars(mod[entry])
+            dims = [f.params[i].ty.shape[0] for i in (0, 3, 5)]
+            if not all(isinstance(d, tvm.tirx.Var) for d in dims):
+                raise ValueError(f"{entry} has static sizes already: cannot specialize it to bucket {bucket.text}")
+            name = bucket_function(entry, bucket)
+            f = f.bind_symbolic_vars(dict(zip(dims, bucket.as_list())))
+            mod[name] = f.with_attr("global_symbol", name)
     return mod
 
 

@@ -8,6 +8,11 @@ the per-element shifts, forces (atoms, 3).
 Every call appends a ghost molecule (two atoms of the first species, 1 Å apart) so that the atom, edge
 and molecule counts are never 0 or 1, the sizes torch.export specializes; its outputs are dropped.
 
+Specialized functions: a symbolic library can also hold copies of `main`/`energy` at static sizes
+(`main_b12_80_2`, ...; manifest `inputs.specialized`). A call that fits one of those buckets is padded
+to the smallest and runs the static copy (memory planned at compile time, no shape arithmetic at run
+time: ~2x faster on small molecules); other calls run the symbolic function.
+
 Static builds (tuned, `--bucket`) have fixed sizes: a bucket (atoms, edges, molecules) is the padded
 size of every call: the real molecules, the ghost molecule plus every padding atom (each ≥ 2×cutoff
 from everything else, so they have no neighbours), padding edges that duplicate the ghost pair's edge,
@@ -120,6 +125,56 @@ def pad_arrays(species, pos, mol, src, dst, n_mol: int, bucket: Bucket, cutoff: 
             np.concatenate([mol, np.full(k, n_mol - 1, mol.dtype)]),
             np.concatenate([src, pad_src]), np.concatenate([dst, pad_dst]),
             np.zeros(bucket.molecules, pos.dtype))
+
+
+def bucket_function(entry: str, bucket: Bucket) -> str:
+    """The library function of an entry point specialized to a bucket (e.g. main_b12_80_2)."""
+    return f"{entry}_b{bucket.atoms}_{bucket.edges}_{bucket.molecules}"
+
+
+def call_function(manifest: dict, entry: str, arrays) -> str:
+    """The library function to run for a call's arrays: the entry's copy specialized to exactly these
+    sizes when the library has one, else the entry itself."""
+    sizes = tuple(int(arrays[i].shape[0]) for i in (0, 3, 5))
+    for b in manifest.get("inputs", {}).get("specialized") or []:
+        if tuple(b) == sizes:
+            return bucket_function(entry, Bucket(*b))
+    return entry
+
+
+def pad_to_specialized(arrays: list, manifest: dict, cutoff: float) -> list:
+    """A call's arrays padded to the smallest specialized bucket they fit (unchanged when none fits)."""
+    specialized = manifest.get("inputs", {}).get("specialized")
+    if not specialized:
+        return arrays
+    n, e, molecules = len(arrays[0]) - 2, len(arrays[3]) - 2, len(arrays[5]) - 1
+    if choose_bucket(specialized, n, e, molecules) is None:
+        return arrays
+    return pad_to_bucket(arrays, specialized, cutoff, "the specialized buckets")
+
+
+def sample_buckets(species: tuple[int, ...], cutoff: float) -> list[Bucket]:
+    """One bucket per packaged sample molecule the model covers, for one call on it (`room_for` its
+    largest frame, ghost included); buckets within 20 % of a larger one are left to it."""
+    sizes = {}
+    for name, numbers, positions in sample_molecules(species):
+        n = call_sizes(numbers, positions, species, cutoff)
+        a, e = sizes.get(name.split("[")[0], (0, 0))
+        sizes[name.split("[")[0]] = (max(a, n["atoms"]), max(e, n["edges"]))
+    buckets = {room_for(a, e, 2) for a, e in sizes.values()}
+    return sorted((b for b in buckets if not any(_covers(c, b) for c in buckets)), key=lambda b: (b.atoms, b.edges))
+
+
+def room_for(atoms: int, edges: int, molecules: int) -> Bucket:
+    """A bucket for calls of these sizes (ghost included) with room to spare: atoms to a multiple of 4,
+    edges +5 % to a multiple of 8 (other conformations have more pairs inside the cutoff)."""
+    return Bucket(-(-atoms // 4) * 4, -(-int(edges * 1.05) // 8) * 8, molecules)
+
+
+def _covers(big: Bucket, small: Bucket) -> bool:
+    """Whether `small` may be dropped for `big`: another bucket that fits its calls for ≤ 20 % more work."""
+    return (big != small and big.atoms >= small.atoms and big.edges >= small.edges
+            and big.atoms * big.edges <= 1.2 * small.atoms * small.edges)
 
 
 def with_ghost(mols: MoleculeSet, frames, species: tuple[int, ...]) -> tuple[MoleculeSet, list[int]]:

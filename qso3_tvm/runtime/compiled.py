@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BucketError, QSO3Error
-from ..graph.convention import call_arrays, library_path, read_manifest
+from ..graph.convention import call_arrays, call_function, library_path, pad_to_specialized, read_manifest
 from ..graph.molecules import MoleculeSet
 from ..graph.neighbors import species_index
 
@@ -47,6 +47,7 @@ class CompiledModel:
 
         arrays, padded = call_arrays(mols, frames, self.species, self.cutoff,
                                      self.manifest["inputs"].get("buckets"), str(self.path))
+        arrays = pad_to_specialized(arrays, self.manifest, self.cutoff)
         return [tvm.runtime.tensor(a, self.device) for a in arrays], padded
 
     @property
@@ -54,10 +55,14 @@ class CompiledModel:
         """Whether the library has the energy-only function (artifacts compiled since it exists)."""
         return "energy" in (self.manifest.get("functions") or {})
 
+    def function(self, entry: str, args) -> str:
+        """The library function that runs `entry` on these arrays (a specialized copy when one fits exactly)."""
+        return call_function(self.manifest, entry, args)
+
     def call(self, args, forces: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         if not forces and self.has_energy_entry:
-            return self.vm["energy"](*args).numpy(), None
-        energy, f = self.vm["main"](*args)
+            return self.vm[self.function("energy", args)](*args).numpy(), None
+        energy, f = self.vm[self.function("main", args)](*args)
         return energy.numpy(), f.numpy()
 
     def run_batch(self, mols: MoleculeSet, frames, forces: bool = True) -> tuple[np.ndarray, np.ndarray | None]:

@@ -117,16 +117,17 @@ class RemoteModel(CompiledModel):
 
     def call(self, args, forces: bool = True):
         if not forces and self.has_energy_entry:
-            return self.vm["energy"](*args).numpy(), None
-        out = self.vm["main"](*args)
+            return self.vm[self.function("energy", args)](*args).numpy(), None
+        out = self.vm[self.function("main", args)](*args)
         return self._getitem(out, 0).numpy(), self._getitem(out, 1).numpy()
 
     def time(self, mols: MoleculeSet, frames, repeat: int, number: int) -> dict:
         """TVM's timing summary (ms) of one energy+forces call on the frames."""
         args, _ = self.inputs(mols, frames)
-        self.vm.set_input("main", *args)
+        name = self.function("main", args)
+        self.vm.set_input(name, *args)
         timer = self.vm.time_evaluator("invoke_stateful", self.device, number=number, repeat=repeat)
-        runs_ms = np.asarray(timer("main").results) * 1e3
+        runs_ms = np.asarray(timer(name).results) * 1e3
         return {"mean": float(runs_ms.mean()), "median": float(np.median(runs_ms)), "max": float(runs_ms.max()),
                 "min": float(runs_ms.min()), "std": float(runs_ms.std()), "repeat": repeat, "number": number}
 

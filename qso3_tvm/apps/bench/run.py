@@ -133,6 +133,19 @@ def workload_molecules(name: str, species: tuple[int, ...]) -> tuple[list, str]:
     raise QSO3Error(f"unknown workload {name!r} (ethanol-b1, aspirin-b1, qm9-bN)")
 
 
+def workload_buckets(molecules: dict, model_cfg) -> list[list[int]]:
+    """Specialized buckets (graph.convention) for the workloads' calls, as a user who compiles for these
+    sizes would give them (`room_for`, not the exact sizes)."""
+    from ...graph.convention import call_arrays, room_for
+    from ...graph.molecules import MoleculeSet
+
+    out = []
+    for mols, _ in molecules.values():
+        arrays, _ = call_arrays(MoleculeSet.from_molecules(mols), range(len(mols)), tuple(model_cfg.species), model_cfg.cutoff)
+        out.append(room_for(len(arrays[0]), len(arrays[3]), len(arrays[5])).as_list())
+    return sorted(set(map(tuple, out)))
+
+
 def qm9_molecules(n: int, species: tuple[int, ...], seed: int = 0) -> tuple[list, str]:
     """n QM9 molecules of 16-20 atoms (mean ~18) made of H, C, O only (what the bundled models
     were trained on); random H/C/O clouds of 18 atoms when QM9 (qm9pack) is not available."""
@@ -286,7 +299,7 @@ def _prepare_in_subprocess(cfg: BenchConfig, route: str, cache_dir: Path, work_d
     option = ROUTES[route].artifact_option
     spec = {"route": route, "model_fp32": cfg.model_fp32, "model_int8": cfg.model_int8, "target": cfg.target,
             "cache_dir": str(cache_dir), "artifact": getattr(cfg, option) if option else None,
-            "tuning_records": cfg.tuning_records}
+            "tuning_records": cfg.tuning_records, "specialize": cfg.extra.get("specialize", [])}
     spec_path, result_path = work_dir / f"prepare_{route}.json", work_dir / f"prepare_{route}.out.json"
     spec_path.write_text(json.dumps(spec))
     with open(work_dir / f"prepare_{route}.log", "w") as fh:
@@ -411,6 +424,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
 
     ref_model = load_model(resolve_model_path(cfg.model_fp32))
     molecules = {w: workload_molecules(w, tuple(ref_model.cfg.species)) for w in cfg.workloads}
+    cfg.extra["specialize"] = workload_buckets(molecules, ref_model.cfg)
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_start, t_start = loadavg(), time.time()

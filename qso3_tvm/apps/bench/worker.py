@@ -190,7 +190,7 @@ def tvm_case(route: str, spec: dict, inputs: dict, mode: str):
     Energy-only cases call the library's `energy` function (compiler.module.add_energy_entry)."""
     tvm, VirtualMachine = tvm_import()
     from ...errors import BucketError
-    from ...graph.convention import pad_to_bucket
+    from ...graph.convention import pad_to_bucket, pad_to_specialized
     from ...runtime.compiled import CompiledModel
 
     if getattr(tvm_case, "model", None) is None:
@@ -206,8 +206,9 @@ def tvm_case(route: str, spec: dict, inputs: dict, mode: str):
             arrays = pad_to_bucket(arrays, buckets, model.cutoff, spec["artifact"])
         except BucketError as e:
             raise RouteSkip(str(e)) from None
+    arrays = pad_to_specialized(arrays, model.manifest, model.cutoff)  # a static copy when one fits
     args = [tvm.runtime.tensor(a, model.device) for a in arrays]
-    fn_name, dev = "main" if mode == "E+F" else "energy", model.device
+    fn_name, dev = model.function("main" if mode == "E+F" else "energy", args), model.device
     fn = model.vm[fn_name]
     n_real_atoms, n_real_mol = int(inputs["n_atoms"]), int(inputs["n_mol"])
 

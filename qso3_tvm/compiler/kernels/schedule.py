@@ -6,14 +6,19 @@ auto-vectorizer finds). This rule, applied to every fused PrimFunc after FuseTIR
      a reduction, where an inlined producer would be recomputed once per output column);
   2. reductions (matmuls, channel sums): moves the reduction loops outside the innermost spatial
      loop so that loop runs over contiguous output channels, and vectorizes it;
-  3. elementwise blocks: vectorizes the innermost loop when its extent is a static channel count.
-Loops over atoms and edges (symbolic) stay serial: at batch 1 a parallel launch per kernel costs
-more than it saves. Tuned kernels (qso3-tvm tune) are marked scheduled and skipped.
+  3. elementwise blocks: vectorizes the innermost loop when its extent is a static channel count;
+  4. static sizes (specialized buckets, static builds) of at least PARALLEL_MIN_ELEMENTS outputs:
+     the outermost loop (atoms, edges) runs on the thread pool.
+Symbolic loops over atoms and edges stay serial, and so do small static ones: at batch 1 a parallel
+launch per kernel costs more than it saves. Tuned kernels (qso3-tvm tune) are marked scheduled and skipped.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 VECTOR_LANES = 16  # float32 lanes of an AVX-512 register; NEON takes 4 and LLVM splits the rest
+PARALLEL_MIN_ELEMENTS = 65536  # outputs of a kernel worth a parallel launch (~10 µs of work at one thread)
 
 
 def _static_extent(sch, loop) -> int | None:
@@ -65,14 +70,26 @@ def schedule_block(sch, info) -> None:
     reduce = [lp for lp, k in zip(loops, kinds) if k == "R"]
     if not spatial:
         return
+    parallel = _worth_parallel(sch, spatial)
     if reduce:
         if _static_extent(sch, spatial[-1]) is None:
             return
         sch.reorder(*spatial[:-1], *reduce, spatial[-1])
         _vectorize_innermost(sch, spatial[-1])  # before decompose_reduction: TVM refuses it on the update block
+        if parallel:
+            sch.parallel(spatial[0])
         sch.decompose_reduction(block, reduce[0])
         return
     _vectorize_innermost(sch, spatial[-1])
+    if parallel:
+        sch.parallel(spatial[0])
+
+
+def _worth_parallel(sch, spatial) -> bool:
+    """Whether the outermost spatial loop goes to the thread pool: every spatial extent static, at least
+    PARALLEL_MIN_ELEMENTS outputs, and a loop besides the innermost (which is vectorized)."""
+    extents = [_static_extent(sch, lp) for lp in spatial]
+    return len(spatial) >= 2 and None not in extents and int(np.prod(extents)) >= PARALLEL_MIN_ELEMENTS
 
 
 class CPUDefault:
