@@ -14,7 +14,8 @@ from qso3_tvm.compiler.compile import compile_model
 from qso3_tvm.compiler.tuning.database import RECORD_FILE, WORKLOAD_FILE, database_sha256, open_database
 from qso3_tvm.compiler.tuning.tune import tune
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.graph.convention import Bucket, choose_bucket, pad_arrays
+from qso3_tvm.graph.convention import (Bucket, call_function, choose_bucket, merge_buckets, pad_arrays, pad_to_specialized,
+                                      room_for)
 from qso3_tvm.graph.molecules import MoleculeSet, random_molecule
 from qso3_tvm.nn.testing import ENERGY_SHIFT_EV, model_energy_forces, save_tiny_model, tiny_model
 from qso3_tvm.runtime.compiled import CompiledModel
@@ -60,6 +61,21 @@ def test_bucket_parse_fit_and_choice():
     assert choose_bucket([[40, 400, 3], [12, 80, 2]], 9, 72, 1) == Bucket(12, 80, 2)
     assert choose_bucket([[40, 400, 3], [12, 80, 2]], 20, 72, 1) == Bucket(40, 400, 3)
     assert choose_bucket([[12, 80, 2]], 30, 72, 1) is None
+
+
+def test_specialized_bucket_choice_and_merge():
+    """Calls are padded to the smallest specialized bucket and run its copy; others stay as they are."""
+    manifest = {"inputs": {"specialized": [[12, 80, 2], [24, 328, 2]]}}
+    arrays = [np.zeros(11, np.int64), np.zeros((11, 3), np.float32), np.zeros(11, np.int64),
+              np.zeros(74, np.int64), np.zeros(74, np.int64), np.zeros(2, np.float32)]
+    padded = pad_to_specialized(arrays, manifest, 5.0)
+    assert [len(padded[i]) for i in (0, 3, 5)] == [12, 80, 2]
+    assert call_function(manifest, "energy", padded) == "energy_b12_80_2"
+    assert call_function(manifest, "main", arrays) == "main"  # unpadded sizes: the symbolic function
+    big = [np.zeros(30)] * 3 + [np.zeros(400)] * 2 + [np.zeros(2)]
+    assert pad_to_specialized(big, manifest, 5.0) is big
+    assert merge_buckets([[12, 80, 2], [24, 312, 2], [24, 328, 2], [12, 80, 2]]) == [Bucket(12, 80, 2), Bucket(24, 328, 2)]
+    assert room_for(11, 74, 2) == Bucket(12, 80, 2)
 
 
 def test_padding_ghosts_are_isolated_and_far():

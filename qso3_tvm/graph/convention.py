@@ -161,8 +161,13 @@ def sample_buckets(species: tuple[int, ...], cutoff: float) -> list[Bucket]:
         n = call_sizes(numbers, positions, species, cutoff)
         a, e = sizes.get(name.split("[")[0], (0, 0))
         sizes[name.split("[")[0]] = (max(a, n["atoms"]), max(e, n["edges"]))
-    buckets = {room_for(a, e, 2) for a, e in sizes.values()}
-    return sorted((b for b in buckets if not any(_covers(c, b) for c in buckets)), key=lambda b: (b.atoms, b.edges))
+    return merge_buckets([room_for(a, e, 2) for a, e in sizes.values()])
+
+
+def merge_buckets(buckets) -> list[Bucket]:
+    """Distinct buckets, sorted, without those within 20 % of a larger one (it takes their calls)."""
+    buckets = set(map(Bucket.parse, buckets))
+    return sorted((b for b in buckets if not any(_covers(c, b) for c in buckets)), key=lambda b: b.as_list())
 
 
 def room_for(atoms: int, edges: int, molecules: int) -> Bucket:

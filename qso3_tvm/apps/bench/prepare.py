@@ -185,15 +185,14 @@ def _compile_artifact(spec: dict, route: Route) -> Path:
     import tvm
 
     from ...compiler.compile import compile_model
-    from ...graph.convention import Bucket, sample_buckets
+    from ...graph.convention import merge_buckets, sample_buckets
     from ...nn.checkpoint import load_model, resolve_model_path
 
     kwargs, tag = _tuning_kwargs(spec) if route.tuned else ({}, "")
     path = resolve_model_path(spec[route.checkpoint])
     if not route.tuned:  # static copies for the packaged samples and the bench's workloads
         model = load_model(path)
-        kwargs["specialize"] = sorted({*map(Bucket.parse, spec.get("specialize") or []),
-                                       *sample_buckets(model.cfg.species, model.cfg.cutoff)}, key=lambda b: b.as_list())
+        kwargs["specialize"] = merge_buckets([*(spec.get("specialize") or []), *sample_buckets(model.cfg.species, model.cfg.cutoff)])
         tag += "-b" + hashlib.sha256(json.dumps([b.as_list() for b in kwargs["specialize"]]).encode()).hexdigest()[:8]
     key = f"{route.name}-{file_sha(path)}-{spec['target']}-tvm{tvm.__version__}-src{compile_sources_hash()}{tag}"
     folder = Path(spec["cache_dir"]) / key
