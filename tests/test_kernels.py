@@ -125,6 +125,24 @@ def test_default_cpu_schedule_vectorizes_reductions():
     assert kinds[-1] == tvm.tirx.ForKind.VECTORIZED
 
 
+def test_exp_and_sigmoid_are_vectorized_fast_exp_on_cpu():
+    """CPU builds legalize exp and sigmoid to TOPI's fast_exp (kernels.fast_math): no per-element libm
+    expf call, and the values of float64 numpy to float32 rounding."""
+    target = resolve_target("x86-avx512").tvm_target()
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([tvm.tirx.Var("e", "int64"), 64], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.add(relax.op.sigmoid(x), relax.op.exp(relax.op.multiply(x, relax.const(0.25, "float32")))))
+        bb.emit_func_output(out)
+    ex = tvm.compile(bb.get(), target=target, relax_pipeline=relax_pipeline(target))
+    assert "expf" not in ex.mod.imports[0].inspect_source("asm")  # the stock lowering calls expf 64 times here
+    xs = (RNG.normal(size=(37, 64)) * 8).astype(np.float32)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xs)).numpy()
+    x64 = xs.astype(np.float64)
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-x64)) + np.exp(0.25 * x64), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("accumulate", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "int32"])
 def test_scatter_rows_kernel_matches_numpy(accumulate, dtype):

@@ -3,7 +3,7 @@
     imported Relax module
       -> rewrite_int8_matmuls      int8 GEMMs with constant weights -> tensorized TIR (per target)
       -> [MetaSchedule database]   compiler.tuning, tuned builds only
-      -> legalize, fuse            TVM's CPU pipeline
+      -> legalize, fuse            TVM's CPU pipeline (exp, sigmoid: kernels.fast_math)
       -> default CPU schedules     every fused kernel nobody scheduled (kernels.schedule)
          or GPU schedules          dlight's rules, tolerant of rules that raise (kernels.gpu)
       -> lower, build              CUDA device code compiled to a fatbin at export (kernels.gpu)
@@ -44,12 +44,15 @@ def kernel_summary(target) -> dict:
 
 def fuse_passes(target) -> list:
     """Legalize and fuse, as TVM's pipeline for the target does before scheduling (GPU targets legalize
-    scatter_elements to a thread-bound kernel): the fused kernels are what schedules and tuning see."""
+    scatter_elements to a thread-bound kernel, CPU targets exp and sigmoid to vectorizable fast_exp):
+    the fused kernels are what schedules and tuning see."""
     from tvm import relax
 
     legalize_map = None
     if target.kind.name == "cuda":
         from .gpu import GPU_LEGALIZE as legalize_map
+    elif target.kind.name == "llvm":
+        from .fast_math import CPU_LEGALIZE as legalize_map
     return [relax.transform.LegalizeOps(legalize_map), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
