@@ -14,8 +14,15 @@ from qso3_tvm.compiler.compile import compile_model
 from qso3_tvm.compiler.tuning.database import RECORD_FILE, WORKLOAD_FILE, database_sha256, open_database
 from qso3_tvm.compiler.tuning.tune import tune
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.graph.convention import (Bucket, call_function, choose_bucket, merge_buckets, pad_arrays, pad_to_specialized,
-                                      room_for)
+from qso3_tvm.graph.convention import (
+    Bucket,
+    call_function,
+    choose_bucket,
+    merge_buckets,
+    pad_arrays,
+    pad_to_specialized,
+    room_for,
+)
 from qso3_tvm.graph.molecules import MoleculeSet, random_molecule
 from qso3_tvm.nn.testing import ENERGY_SHIFT_EV, model_energy_forces, save_tiny_model, tiny_model
 from qso3_tvm.runtime.compiled import CompiledModel
