@@ -98,6 +98,7 @@ def test_cuda_artifacts_carry_a_fatbin_not_source(cuda_artifacts):
         assert manifest["target"]["device"] == "cuda" and manifest["parity"] is None, name
         assert lib.count(FATBIN_MAGIC) >= 1, f"{name}: no fatbin in the library"
         assert b"__global__" not in lib, f"{name}: CUDA source left in the library (needs a compiler on the board)"
+        assert "specialized" not in manifest["inputs"], name  # static copies are CPU-only (compile refuses them)
     if "int8-orin" in cuda_artifacts:
         manifest, path = cuda_artifacts["int8-orin"]
         assert (path / manifest["library"]).read_bytes()[:20][18] == 183  # e_machine EM_AARCH64: Jetson host code
@@ -114,3 +115,12 @@ def test_board_without_gpu_refuses_cuda_artifact_and_keeps_serving(cuda_artifact
             profile(path, rpc=board.address, key="nogpu", repeat=1, report_dir=tmp_path)
         assert not list(tmp_path.iterdir()), "no report after a refusal"
         assert board_info(connect(rpc=board.address, key="nogpu"))["machine"]  # still serving
+
+
+def test_specialize_is_refused_for_cuda_targets(tmp_path):
+    from qso3_tvm.nn.testing import save_tiny_model
+
+    save_tiny_model(tmp_path / "tiny.pt")
+    with pytest.raises(QSO3Error, match="CPU targets only"):
+        compile_model(str(tmp_path / "tiny.pt"), "cuda-sm90", tmp_path / "out", specialize=["12,80,2"], log=lambda *_: None)
+    assert not (tmp_path / "out").exists()

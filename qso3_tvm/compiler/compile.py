@@ -163,7 +163,7 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
     """Compile a checkpoint for a target into `out` (library + manifest.json); returns the manifest.
     `tuning_records`: a MetaSchedule database folder (qso3-tvm tune), built at `bucket` or its first.
     `specialize`: buckets for static copies of a symbolic build's entry points (None: one per packaged
-    sample molecule the model covers, graph.convention.sample_buckets; [] for none).
+    sample molecule the model covers, graph.convention.sample_buckets, on CPU targets; [] for none).
     `out` must be new, empty, or an earlier artifact (replaced only once the new one is complete)."""
     spec = resolve_target(target)
     log(f"target {target!r} -> {spec.source} {spec.name}: {json.dumps(spec.target)}")
@@ -176,7 +176,10 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
         bucket, static_info = static_build_info(bucket, tuning_records, log)
         specialize = []
     elif specialize is None:
-        specialize = sample_buckets(model.cfg.species, model.cfg.cutoff)
+        specialize = sample_buckets(model.cfg.species, model.cfg.cutoff) if spec.device == "cpu" else []
+    elif specialize and spec.device != "cpu":
+        raise QSO3Error(f"--specialize is for CPU targets only: static copies for {spec.name} fail in TVM 0.27's CUDA "
+                        "codegen (a kernel allocates global scratch memory)")
     specialize = [Bucket.parse(b) for b in specialize]
     if specialize:
         log(f"specialized buckets (atoms,edges,molecules incl. the ghost): {' '.join(b.text for b in specialize)}")
