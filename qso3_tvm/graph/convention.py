@@ -147,10 +147,10 @@ def pad_to_specialized(arrays: list, manifest: dict, cutoff: float) -> list:
     specialized = manifest.get("inputs", {}).get("specialized")
     if not specialized:
         return arrays
-    n, e, molecules = len(arrays[0]) - 2, len(arrays[3]) - 2, len(arrays[5]) - 1
-    if choose_bucket(specialized, n, e, molecules) is None:
+    try:
+        return pad_to_bucket(arrays, specialized, cutoff, "the specialized buckets")
+    except BucketError:
         return arrays
-    return pad_to_bucket(arrays, specialized, cutoff, "the specialized buckets")
 
 
 def sample_buckets(species: tuple[int, ...], cutoff: float) -> list[Bucket]:

@@ -15,7 +15,7 @@ launch per kernel costs more than it saves. Tuned kernels (qso3-tvm tune) are ma
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
 VECTOR_LANES = 16  # float32 lanes of an AVX-512 register; NEON takes 4 and LLVM splits the rest
 PARALLEL_MIN_ELEMENTS = 65536  # outputs of a kernel worth a parallel launch (~10 µs of work at one thread)
@@ -89,7 +89,7 @@ def _worth_parallel(sch, spatial) -> bool:
     """Whether the outermost spatial loop goes to the thread pool: every spatial extent static, at least
     PARALLEL_MIN_ELEMENTS outputs, and a loop besides the innermost (which is vectorized)."""
     extents = [_static_extent(sch, lp) for lp in spatial]
-    return len(spatial) >= 2 and None not in extents and int(np.prod(extents)) >= PARALLEL_MIN_ELEMENTS
+    return len(spatial) >= 2 and None not in extents and math.prod(extents) >= PARALLEL_MIN_ELEMENTS
 
 
 class CPUDefault:
