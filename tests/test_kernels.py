@@ -247,6 +247,51 @@ def test_attention_tir_kernel_matches_torch_reference():
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
+def _messages_case(dtype=np.float32, n=9, e=40, channels=16, heads=4):
+    rng = np.random.default_rng(3)
+    alpha = rng.uniform(size=(e, heads))
+    phi, val, vv = rng.normal(size=(e, 3 * channels)), rng.normal(size=(n, 2 * channels)), rng.normal(size=(n, 3, channels))
+    u = rng.normal(size=(e, 3))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    src, dst = rng.integers(0, n, e), rng.integers(0, n, e)
+    return [x.astype(dtype) for x in (alpha, phi, val, vv, u)] + [src, dst]
+
+
+def test_messages_operator_equals_model_messages_and_their_gradient():
+    """qso3.messages (forward, and its hand-written backward) vs autograd of model.aggregate_messages."""
+    from qso3_tvm.nn.model import aggregate_messages
+    from qso3_tvm.nn.ops.messages import MessagesKernel
+
+    *floats, src, dst = (torch.from_numpy(x) for x in _messages_case(np.float64))
+    rng = np.random.default_rng(4)
+    g_s, g_v = torch.tensor(rng.normal(size=(9, 16))), torch.tensor(rng.normal(size=(9, 3, 16)))
+    results = []
+    for aggregate in (aggregate_messages, MessagesKernel()):
+        xs = [x.clone().requires_grad_(True) for x in floats]
+        ds, dv = aggregate(*xs, src, dst)
+        results.append((ds.detach(), dv.detach(), *torch.autograd.grad((ds * g_s).sum() + (dv * g_v).sum(), xs)))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def test_messages_tir_kernels_match_torch_reference():
+    from qso3_tvm.compiler.kernels import messages
+
+    target = resolve_target("x86-64").tvm_target()
+    inputs = _messages_case()
+    rng = np.random.default_rng(5)
+    grads = [rng.normal(size=(9, 16)).astype(np.float32), rng.normal(size=(9, 3, 16)).astype(np.float32)]
+    fwd = tvm.compile(tvm.IRModule({"main": messages.forward_func(16, 4)}), target=target)
+    bwd = tvm.compile(tvm.IRModule({"main": messages.backward_func(16, 4)}), target=target)
+    ref_fwd = torch.ops.qso3.messages(*(torch.from_numpy(x) for x in inputs))
+    ref_bwd = torch.ops.qso3.messages_backward(*(torch.from_numpy(x) for x in grads + inputs))
+    for lib, args, refs in ((fwd, inputs, ref_fwd), (bwd, grads + inputs, ref_bwd)):
+        outs = [tvm.runtime.tensor(np.full(r.shape, np.nan, np.float32)) for r in refs]
+        lib(*(tvm.runtime.tensor(x) for x in args), *outs)
+        for out, ref in zip(outs, refs):
+            np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_quantized_graph_runs_custom_operators():
     """The deployed int8 model's exported graph is mapped onto our TIR kernels."""
     from qso3_tvm.compiler.export import export_energy_forces
@@ -259,5 +304,6 @@ def test_quantized_graph_runs_custom_operators():
     model = quantize_model(tiny_model(torch.float32, seed=4), QuantConfig())
     model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate
     names = {gv.name_hint for gv in import_to_relax(export_energy_forces(deployable(model))).functions}
-    assert {"qso3_l2_attention_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1"} <= names
+    assert {"qso3_l2_attention_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1", "qso3_messages_16x2",
+            "qso3_messages_backward_16x2"} <= names
     assert any(n.startswith("qso3_scatter_rows_add_float32_") for n in names)  # neighbor sums

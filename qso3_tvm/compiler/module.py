@@ -12,10 +12,13 @@ kernels and weights.
 
 from __future__ import annotations
 
+import copy
+
 import tvm
 
 from ..graph.convention import ENTRY_POINTS, Bucket, bucket_function
 from ..nn.int8 import to_int8
+from ..nn.ops.messages import fuse_messages
 from .export import export_energy_forces
 from .kernels.pipeline import apply_kernels
 from .relax_import import import_to_relax
@@ -24,10 +27,12 @@ from .targets import TargetSpec
 
 def deployable(model, spec: TargetSpec | None = None):
     """The module that gets exported: quantized models in their int8 form (int8 weights, int8 GEMMs;
-    MDDQ and attention as our TIR operators on CPU targets, generic operators elsewhere)."""
-    if getattr(model, "quant_cfg", None) is None:
-        return model
-    return to_int8(model, custom_ops=spec is None or spec.device == "cpu")
+    MDDQ and attention as our TIR operators on CPU targets, generic operators elsewhere); on CPU
+    targets every model's messages and neighbor sums as our fused TIR operator (nn.ops.messages)."""
+    cpu = spec is None or spec.device == "cpu"
+    if getattr(model, "quant_cfg", None) is not None:
+        return to_int8(model, custom_ops=cpu)
+    return fuse_messages(copy.deepcopy(model)) if cpu else model
 
 
 def relax_module(model, spec: TargetSpec | None = None, bucket: Bucket | None = None, target=None, specialize=()):

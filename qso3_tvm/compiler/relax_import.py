@@ -158,8 +158,35 @@ def _l2_attention(node, imp):
     return bb.emit(relax.call_tir(gv, [q, k, src, dst, fc, tau], relax.TensorType([src.ty.shape[0], heads], "float32")))
 
 
+def _messages(node, imp):
+    """qso3.messages -> call_tir of the fused messages kernel (compiler.kernels.messages)."""
+    from .kernels.messages import forward_func
+
+    alpha, phi, val, vv, u, src, dst = (imp.env[a] for a in node.args)
+    outs = [relax.TensorType([val.ty.shape[0], vv.ty.shape[2]], "float32"), relax.TensorType(vv.ty.shape, "float32")]
+    return _call_kernel(imp, forward_func(int(vv.ty.shape[2]), int(alpha.ty.shape[1])), [alpha, phi, val, vv, u, src, dst], outs)
+
+
+def _messages_backward(node, imp):
+    """qso3.messages_backward -> call_tir of its kernel; the gradients have the shapes of α, φ, val, vv, u."""
+    from .kernels.messages import backward_func
+
+    args = [imp.env[a] for a in node.args]
+    alpha, vv = args[2], args[5]
+    outs = [relax.TensorType(x.ty.shape, "float32") for x in args[2:7]]
+    return _call_kernel(imp, backward_func(int(vv.ty.shape[2]), int(alpha.ty.shape[1])), args, outs)
+
+
+def _call_kernel(imp, func, args, outs):
+    bb = imp.block_builder
+    gv = bb.add_func(func, func.attrs["global_symbol"])
+    return bb.emit(relax.call_tir(gv, args, outs))
+
+
 CONVERTERS = {
     "l2_attention.default": _l2_attention,
+    "messages.default": _messages,
+    "messages_backward.default": _messages_backward,
     "mddq.default": _mddq,
     "mddq_backward.default": _mddq_backward,
     "_int_mm.default": _int_mm,

@@ -91,14 +91,17 @@ def _convert(module: nn.Module, name: str, child: QuantLinear) -> None:
 
 
 def to_int8(model: nn.Module, custom_ops: bool = True) -> nn.Module:
-    """A copy of a fake-quantized model with int8 weights and int8 GEMMs, and MDDQ and the robust
-    attention as custom operators (compiler.kernels; same outputs up to float summation order).
-    `custom_ops=False` keeps MDDQ and attention as generic operators (targets with no TIR kernels
+    """A copy of a fake-quantized model with int8 weights and int8 GEMMs, and MDDQ, the robust
+    attention and the messages as custom operators (compiler.kernels; same outputs up to float summation order).
+    `custom_ops=False` keeps MDDQ, attention and messages as generic operators (targets with no TIR kernels
     for them: GPUs)."""
     from .ops.attention import L2AttentionKernel
     from .ops.mddq import MDDQKernel
+    from .ops.messages import fuse_messages
 
     out = copy.deepcopy(model).eval()
+    if custom_ops:
+        fuse_messages(out)
     for layer in out.modules() if custom_ops else ():
         if isinstance(layer, InteractionLayer) and layer.attention == "l2norm" and _fixed_grid(layer.hooks):
             layer.fused_attention = L2AttentionKernel()

@@ -95,6 +95,19 @@ def segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tens
     return torch.zeros((n,) + values.shape[1:], dtype=values.dtype, device=values.device).index_add(0, index, values)
 
 
+def aggregate_messages(alpha, phi, val, vv, u, src, dst):
+    """Neighbor sums of a layer's messages: ds (N, F) and dv (N, 3, F) from attention α (E, H), radial
+    filter φ (E, 3F) = [φs | φr | φv], values val (N, 2F) = [Vs s | Vr s] and vv (N, 3, F) = W v per
+    atom, unit vectors u (E, 3). Per edge j -> i: ds_i += α φs vs_j, dv_i += α (φr vr_j u + φv vv_j)."""
+    N, F, H = val.shape[0], vv.shape[2], alpha.shape[1]
+    alpha = alpha.repeat_interleave(F // H, dim=1)  # (E, F)
+    phi_s, phi_r, phi_v = phi.split(F, dim=-1)
+    val_s, val_r = val[src].split(F, dim=-1)
+    msg_s = alpha * phi_s * val_s
+    msg_v = (alpha * phi_r * val_r)[:, None, :] * u[:, :, None] + (alpha * phi_v)[:, None, :] * vv[src]
+    return segment_sum(msg_s, dst, N), segment_sum(msg_v, dst, N)
+
+
 class Hooks(nn.Module):
     """Points where quantizers attach (identity in fp32). The quant module swaps these in place."""
 
@@ -139,14 +152,11 @@ class InteractionLayer(nn.Module):
         return w / denom[dst]  # (E, H)
 
     def forward(self, s, v, src, dst, u, rbf, fc):
-        N, F, H = s.shape[0], self.F, self.H
-        alpha = self.attention_weights(s, src, dst, fc, N).repeat_interleave(F // H, dim=1)  # (E, F)
-        phi_s, phi_r, phi_v = self.filter(rbf).split(F, dim=-1)
-        val_s, val_r = self.value(s)[src].split(F, dim=-1)
-        msg_s = alpha * phi_s * val_s
-        msg_v = (alpha * phi_r * val_r)[:, None, :] * u[:, :, None] + (alpha * phi_v)[:, None, :] * self.vec_value(v)[src]
-        s = s + segment_sum(msg_s, dst, N)  # neighbor sums stay in accumulator precision
-        v = v + segment_sum(msg_v, dst, N)
+        F = self.F
+        alpha = self.attention_weights(s, src, dst, fc, s.shape[0])  # (E, H)
+        aggregate = getattr(self, "fused_messages", None) or aggregate_messages  # deployment: one custom operator
+        ds, dv = aggregate(alpha, self.filter(rbf), self.value(s), self.vec_value(v), u, src, dst)
+        s, v = s + ds, v + dv  # neighbor sums stay in accumulator precision
         uv, vv = self.vec_uv(v).split(F, dim=-1)
         a_vv, a_sv, a_ss = self.update(torch.cat([s, torch.sqrt((vv * vv).sum(1) + 1e-8)], -1)).split(F, dim=-1)
         v = self.hooks.vector(v + a_vv[:, None, :] * uv)
