@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .apps.bench.routes import DEFAULT_ROUTES
+from .apps.bench.routes import DEFAULT_ROUTES, DEFAULT_WORKLOADS
 from .apps.bench.routes import ROUTES as BENCH_ROUTES
 from .errors import QSO3Error
 from .runtime import DEFAULT_KEY
@@ -421,7 +421,7 @@ def bench(
     model_fp32: str = typer.Option("ethanol-fp32", help="fp32 checkpoint (eager, torch.compile, ONNX, TVM fp32)"),
     model_int8: str = typer.Option("ethanol-int8", help="int8 QAT checkpoint (TVM int8 routes)"),
     routes: str = typer.Option(",".join(DEFAULT_ROUTES), help="comma-separated: " + ", ".join(BENCH_ROUTES)),
-    workloads: str = typer.Option("ethanol-b1,aspirin-b1,qm9-b32", help="ethanol-b1, aspirin-b1, qm9-bN"),
+    workloads: str = typer.Option(",".join(DEFAULT_WORKLOADS), help="ethanol-b1, aspirin-b1, qm9-bN"),
     modes: str = typer.Option("E,E+F", help="E (energy only), E+F (energy and forces)"),
     threads: str = typer.Option("1,2", help="thread counts, one set of route processes each"),
     rounds: int = typer.Option(7, help="alternating rounds per case"),

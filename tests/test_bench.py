@@ -30,7 +30,7 @@ def test_bench_smoke(tiny_ckpt, tmp_path):
     # eager-int8 runs the tiny model's workload with the bundled int8 checkpoint; tvm-int8-tuned has
     # no artifact and must say so
     r = runner.invoke(app, ["bench", "--model-fp32", str(tiny_ckpt), "--routes", ",".join(ROUTES),
-                            "--workloads", "ethanol-b1", "--threads", "1", "--rounds", "1", "--budget-ms", "5",
+                            "--workloads", "ethanol-b1,aspirin-b1", "--threads", "1", "--rounds", "1", "--budget-ms", "5",
                             "--max-calls", "2", "--warmup", "0", "--cache-dir", str(tmp_path / "cache"),
                             "--report-dir", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
@@ -52,6 +52,11 @@ def test_bench_smoke(tiny_ckpt, tmp_path):
     assert res["routes"]["eager-int8"]["weight_bytes"] > 0 and res["routes"]["eager-fp32"]["weight_bytes"] > 0
     assert res["macs"]["ethanol-b1"]["counted_linear"]["forward"] == res["macs"]["ethanol-b1"]["forward_linear"]
     assert res["physical_limit"]["rows"]
+    scaling = md.split("## How cost grows")[1].split("\n## ")[0]  # µs per atom, one column per workload
+    row = next(line for line in scaling.splitlines() if line.startswith("| 1 | E | eager-fp32 |"))
+    per_atom = [float(x) for x in row.strip("| ").split(" | ")[3:]]
+    e = next(x for x in res["results"] if x["case"] == "ethanol-b1/E" and x["route"] == "eager-fp32" and x["threads"] == 1)
+    assert len(per_atom) == 2 and per_atom[0] == pytest.approx(1e3 * e["median_ms"] / 9, rel=0.01), row
 
 
 def test_bench_rejects_bad_input(tmp_path):

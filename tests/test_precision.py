@@ -105,6 +105,14 @@ def test_parse_precision():
         parse_precision("w8", 4)
 
 
+def test_weight_only_precisions_get_the_fp32_parity_bound_on_compile_and_on_boards():
+    from qso3_tvm.compiler.compile import DEFAULT_TOL_MEV, tolerances
+    from qso3_tvm.graph.convention import float_activations
+
+    assert [float_activations(p) for p in ("fp32", "w8", "w4", "w8a8-mddq", "w4a8-mddq")] == [True, True, True, False, False]
+    assert tolerances("w8") == DEFAULT_TOL_MEV["fp32"] and tolerances("w8a8-mddq") == DEFAULT_TOL_MEV["quantized"]
+
+
 def test_cli_quantize_w8_post_training_and_float_head(tmp_path, ethanol_train):
     save_model(tmp_path / "fp32.pt", tiny_model(torch.float32, energy_shift=ENERGY_SHIFT_EV))
     common = ["--data", str(ethanol_train), "--n-train", "16", "--n-val", "8", "--epochs", "0"]

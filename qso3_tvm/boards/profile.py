@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import QSO3Error
 from ..files import atomic_write
-from ..graph.convention import max_errors, read_manifest, sample_set
+from ..graph.convention import float_activations, max_errors, read_manifest, sample_set
 from ..runtime.remote import RemoteModel, board_info, connect
 
 # profile tolerances: the board runs the same float32 code as the compile-time check
@@ -43,7 +43,7 @@ def profile(artifact: str | Path, rpc: str | None = None, tracker: str | None = 
         raise
     except Exception as e:  # the board died or the session broke mid-run
         raise QSO3Error(f"board {info.get('label')} failed during the run: {str(e).strip().splitlines()[-1]}") from None
-    tol_e, tol_f = PROFILE_TOL_MEV["fp32" if manifest["model"]["precision"] == "fp32" else "quantized"]
+    tol_e, tol_f = PROFILE_TOL_MEV["fp32" if float_activations(manifest["model"]["precision"]) else "quantized"]
     verified = errors["max_energy_error_mev"] <= tol_e and errors["max_force_error_mev_per_a"] <= tol_f
     emulated = str(info.get("label", "")).startswith("emulated")
     result = {"artifact": str(artifact), "model": manifest["model"], "target": manifest["target"]["name"],

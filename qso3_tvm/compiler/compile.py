@@ -31,6 +31,7 @@ from ..graph.convention import (
     bucket_function,
     dynamic_inputs,
     fits_buckets,
+    float_activations,
     max_errors,
     sample_buckets,
     sample_set,
@@ -59,8 +60,7 @@ DEFAULT_TOL_MEV = {"fp32": (0.1, 0.1), "quantized": (30.0, 50.0)}
 
 
 def tolerances(prec: str) -> tuple[float, float]:
-    float_activations = prec == "fp32" or (prec.startswith("w") and prec[1:].isdigit())
-    e, f = DEFAULT_TOL_MEV["fp32" if float_activations else "quantized"]
+    e, f = DEFAULT_TOL_MEV["fp32" if float_activations(prec) else "quantized"]
     return (float(os.environ.get("QSO3_COMPILE_TOL_E_MEV", e)), float(os.environ.get("QSO3_COMPILE_TOL_F_MEV", f)))
 
 

@@ -322,6 +322,13 @@ def sample_set(species) -> tuple[MoleculeSet, list[str]]:
     return MoleculeSet.from_molecules((z, p) for _, z, p in samples), [s[0] for s in samples]
 
 
+def float_activations(precision: str) -> bool:
+    """Whether a model precision (manifest "precision": fp32, w8a8-mddq, w8, ...) computes in float on
+    (dequantized) weights, with no activation codes that can flip between builds: such artifacts are held
+    to the fp32 parity bound on every machine."""
+    return precision == "fp32" or (precision.startswith("w") and precision[1:].isdigit())
+
+
 def max_errors(ref: dict, energies: np.ndarray, forces: np.ndarray) -> dict:
     """Max abs deviation from a stored reference, in meV and meV/Å."""
     return {"max_energy_error_mev": float(np.abs(energies - np.asarray(ref["energy_ev"])).max() * 1e3),

@@ -26,7 +26,7 @@ def _fmt_bytes(n) -> str:
 
 def render_markdown(res: dict) -> str:
     L = _header(res) + _routes_section(res) + _workloads_section(res) + _results_sections(res)
-    L += render_physical_limit(res)
+    L += render_physical_limit(res) + render_scaling(res)
     L += ["![median time per route](bench/bench.png)", "", "Raw data: `reports/bench/bench.json`.", ""]
     return "\n".join(L)
 
@@ -161,6 +161,25 @@ def render_physical_limit(res: dict) -> list[str]:
                  f"{r['floor_ms']:.3f} | {100 * r['fraction_of_peak']:.1f} % | — | — |")
     L += ["", *overhead_verdict(res), ""]
     return L
+
+
+def render_scaling(res: dict) -> list[str]:
+    """How cost grows: median time per atom of every route across the workloads' sizes."""
+    sizes = {w: info["atoms"] for w, info in res["workloads"].items() if info.get("atoms")}
+    cases = [e for e in res["results"] if "median_ms" in e and e["case"].split("/")[0] in sizes]
+    if len({e["case"].split("/")[0] for e in cases}) < 2:
+        return []
+    L = ["## How cost grows", "", "Median time per atom (µs) of each route, workloads from small to large (atoms per call "
+         "in the header; the ghost molecule of TVM calls not counted):", "",
+         "| threads | mode | route | " + " | ".join(f"{w} ({n})" for w, n in sizes.items()) + " |",
+         "|---|---|---|" + "---|" * len(sizes)]
+    rows = {}
+    for e in cases:
+        w, mode = e["case"].split("/")
+        rows.setdefault((e["threads"], mode, e["route"]), {})[w] = 1e3 * e["median_ms"] / sizes[w]
+    for (t, mode, route), per_atom in rows.items():
+        L.append(f"| {t} | {mode} | {route} | " + " | ".join(f"{per_atom[w]:.1f}" if w in per_atom else "—" for w in sizes) + " |")
+    return L + [""]
 
 
 def overhead_verdict(res: dict) -> list[str]:

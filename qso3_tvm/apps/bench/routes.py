@@ -49,6 +49,7 @@ ROUTE_TABLE = (
           checkpoint="model_int8", tuned=True, artifact_option="tvm_int8_tuned"),
 )
 ROUTES = {r.name: r for r in ROUTE_TABLE}
+DEFAULT_WORKLOADS = ("ethanol-b1", "aspirin-b1", "qm9-b32", "qm9-b256")  # one molecule to ~4,700 atoms
 DEFAULT_ROUTES = tuple(r.name for r in ROUTE_TABLE if r.default)
 INT8_ROUTES = tuple(r.name for r in ROUTE_TABLE if r.int8)
 REFERENCE_ROUTE = next(r.name for r in ROUTE_TABLE if r.reference)

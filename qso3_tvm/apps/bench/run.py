@@ -44,11 +44,9 @@ from ...files import log_tail
 from ...resources import cache_dir, git_commit
 from .prepare import RouteUnavailable, prepare_route
 from .report import bench_command, write_reports
-from .routes import DEFAULT_ROUTES, MODES, REFERENCE_ROUTE, ROUTE_TABLE, ROUTES
+from .routes import DEFAULT_ROUTES, DEFAULT_WORKLOADS, MODES, REFERENCE_ROUTE, ROUTE_TABLE, ROUTES
 from .stats import paired_speedup, physical_limit, stats, workload_macs
 from .worker import REPLY, out_path
-
-DEFAULT_WORKLOADS = ("ethanol-b1", "aspirin-b1", "qm9-b32")
 
 
 @dataclass

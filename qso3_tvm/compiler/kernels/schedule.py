@@ -6,7 +6,8 @@ auto-vectorizer finds). This rule, applied to every fused PrimFunc after FuseTIR
      a reduction, where an inlined producer would be recomputed once per output column);
   2. reductions (matmuls, channel sums): moves the reduction loops outside the innermost spatial
      loop so that loop runs over contiguous output channels, and vectorizes it;
-  3. elementwise blocks: vectorizes the innermost loop when its extent is a static channel count;
+  3. elementwise blocks: vectorizes the innermost loop when its extent is a static channel count
+     (16-lane vectors, or unrolled 4- or 8-lane vectors when 16 does not divide it);
   4. static sizes (specialized buckets, static builds) of at least PARALLEL_MIN_ELEMENTS outputs:
      the outermost loop (atoms, edges) runs on the thread pool.
 Symbolic loops over atoms and edges stay serial, and so do small static ones: at batch 1 a parallel
@@ -30,10 +31,13 @@ def _vectorize_innermost(sch, loop) -> None:
     ext = _static_extent(sch, loop)
     if ext is None or ext < 2:
         return
-    if ext > VECTOR_LANES and ext % VECTOR_LANES == 0:
-        loop = sch.split(loop, [None, VECTOR_LANES])[1]
-    elif ext > VECTOR_LANES:
-        return
+    lanes = math.gcd(ext, VECTOR_LANES)  # 16-lane vectors, or the widest that divides (20 radial functions: 4)
+    if ext > VECTOR_LANES:
+        if lanes < 4:
+            return
+        outer, loop = sch.split(loop, [None, lanes])
+        if lanes < VECTOR_LANES:
+            sch.unroll(outer)  # one odd-sized vector instead makes LLVM scalarize the accumulators
     sch.vectorize(loop)
 
 
