@@ -32,8 +32,10 @@ def kernel_summary(target) -> dict:
         "vector_linears": "int8 weights dequantized to float (inputs are MDDQ-decoded vectors)",
         "mddq": "custom TIR operators qso3_mddq / qso3_mddq_backward" if cpu else "generic operators",
         "attention": "custom TIR operator qso3_l2_attention (int8 q̂·k̂ codes, int32 dot, temperature, segment "
-                     "softmax with sink); its backward and the message aggregation run as generic fused kernels"
-                     if cpu else "generic operators",
+                     "softmax with sink); its backward runs as generic fused kernels" if cpu else "generic operators",
+        "messages": "custom TIR operators qso3_messages / qso3_messages_backward (gather, messages and neighbor "
+                    "sums in one pass over the edges, heads on the thread pool from 2048 edges)"
+                    if cpu else "generic operators",
         "forces": "float backward with straight-through semantics (equals the QAT model's autograd forces)",
         "schedules": "default CPU rule (kernels.schedule) for unscheduled fused kernels"
                      if cpu else "dlight GPU rules (kernels.gpu)",
