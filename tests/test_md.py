@@ -163,6 +163,17 @@ def test_stability_checks_flag_a_molecule_flying_apart(ethanol, tmp_path):
     assert s["energy"]["drift_mev_per_atom_per_ps"] == pytest.approx(0.0, abs=1e-9)  # free flight conserves Ekin
 
 
+def test_drift_is_compared_with_the_kinetic_energy_fluctuation():
+    t = np.linspace(0.0, 2.0, 201)  # ps
+    ekin = 0.3 + 0.01 * np.sin(40 * t)  # eV
+    etot = 1.0 + 0.002 * t  # drifts 4 meV over the run
+    rows = np.stack([np.arange(201), t, etot - ekin, ekin, etot, 300 + 0 * t], 1)
+    e = qmd.energy_stats(rows, 9, "nve")
+    assert e["drift_mev_per_atom_per_ps"] == pytest.approx(2.0 / 9)
+    assert e["ekin_std_mev"] == pytest.approx(1e3 * ekin.std())
+    assert e["drift_over_ekin_std"] == pytest.approx(4.0 / (1e3 * ekin.std()))
+
+
 def test_nan_forces_end_the_run_with_an_unstable_summary(ethanol, tmp_path):
     calc = QSO3Calculator(lambda z, pos: (0.0, np.full((len(z), 3), np.nan)), (1, 6, 8), "test:nan")
     s = qmd.run_md(ethanol, calc, qmd.MDConfig(steps=10), tmp_path, log=lambda *_: None)

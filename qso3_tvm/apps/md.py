@@ -254,7 +254,10 @@ def energy_stats(rows: np.ndarray, n_atoms: int, ensemble: str) -> dict:
         out.update(drift_mev_per_atom_per_ps=float(slope), drift_stderr_mev_per_atom_per_ps=float(stderr),
                    max_abs_detot_mev=float(np.abs(de).max() * 1e3),
                    max_abs_detot_mev_per_atom=float(np.abs(de).max() * 1e3 / n_atoms),
-                   etot_std_mev=float(etot.std() * 1e3))
+                   etot_std_mev=float(etot.std() * 1e3), ekin_std_mev=float(rows[:, 3].std() * 1e3))
+        # the drift over the whole run against the natural fluctuation of the kinetic energy (passes below 1)
+        drift_run_mev = abs(slope) * (t[-1] - t[0]) * n_atoms
+        out["drift_over_ekin_std"] = _finite(drift_run_mev / out["ekin_std_mev"]) if out["ekin_std_mev"] > 0 else None
     return out
 
 
