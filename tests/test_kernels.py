@@ -128,6 +128,21 @@ def test_default_cpu_schedule_vectorizes_reductions(width):
     assert kinds[-1] == tvm.tirx.ForKind.VECTORIZED
 
 
+def test_default_cpu_schedule_never_unrolls_a_long_loop():
+    """A static loop over edges whose count 16 does not divide gets 8-lane vectors, not unrolled: unrolling
+    76,808 edges by 8 made one compile take 8 GB and tens of minutes in LLVM."""
+    from tvm import te
+
+    from qso3_tvm.compiler.kernels.schedule import CPUDefault
+
+    x = te.placeholder((76808,), "float32", "x")
+    y = te.compute((76808,), lambda i: x[i] * 2.0, name="scale")
+    sch = CPUDefault().apply(te.create_prim_func([x, y]), resolve_target("x86-avx512").tvm_target(), False)
+    loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock("scale"))]
+    assert loops[-1].kind == tvm.tirx.ForKind.VECTORIZED and int(loops[-1].extent) == 8
+    assert all(lp.kind != tvm.tirx.ForKind.UNROLLED for lp in loops)
+
+
 def test_exp_and_sigmoid_are_vectorized_fast_exp_on_cpu():
     """CPU builds legalize exp and sigmoid to TOPI's fast_exp (kernels.fast_math): no per-element libm
     expf call, and the values of float64 numpy to float32 rounding."""

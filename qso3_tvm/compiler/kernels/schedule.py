@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 VECTOR_LANES = 16  # float32 lanes of an AVX-512 register; NEON takes 4 and LLVM splits the rest
+MAX_UNROLLED = 4 * VECTOR_LANES  # channel-sized loops only: never unroll a static loop over edges
 PARALLEL_MIN_ELEMENTS = 65536  # outputs of a kernel worth a parallel launch (~10 µs of work at one thread)
 
 
@@ -36,7 +37,7 @@ def _vectorize_innermost(sch, loop) -> None:
         if lanes < 4:
             return
         outer, loop = sch.split(loop, [None, lanes])
-        if lanes < VECTOR_LANES:
+        if lanes < VECTOR_LANES and ext <= MAX_UNROLLED:
             sch.unroll(outer)  # one odd-sized vector instead makes LLVM scalarize the accumulators
     sch.vectorize(loop)
 
