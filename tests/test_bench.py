@@ -52,6 +52,7 @@ def test_bench_smoke(tiny_ckpt, tmp_path):
     assert res["routes"]["eager-int8"]["weight_bytes"] > 0 and res["routes"]["eager-fp32"]["weight_bytes"] > 0
     assert res["macs"]["ethanol-b1"]["counted_linear"]["forward"] == res["macs"]["ethanol-b1"]["forward_linear"]
     assert res["physical_limit"]["rows"]
+    assert res["workloads"]["ethanol-b1"]["neighbor_list_ms"] > 0 and "neighbor list ms" in md
     scaling = md.split("## How cost grows")[1].split("\n## ")[0]  # µs per atom, one column per workload
     row = next(line for line in scaling.splitlines() if line.startswith("| 1 | E | eager-fp32 |"))
     per_atom = [float(x) for x in row.strip("| ").split(" | ")[3:]]

@@ -156,7 +156,8 @@ def test_int8_sdot_artifact_runs_on_emulated_pi5(tmp_path):
     model = quantize_model(tiny_model(torch.float32, seed=4, energy_shift=ENERGY_SHIFT_EV), QuantConfig())
     model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate
     save_model(tmp_path / "q.pt", model)
-    info = compile_model(str(tmp_path / "q.pt"), "arm64-cortex-a76", tmp_path / "a76", log=lambda *_: None)
+    info = compile_model(str(tmp_path / "q.pt"), "arm64-cortex-a76", tmp_path / "a76", specialize=[],
+                         log=lambda *_: None)
     assert "arm-sdot" in info["quantization"]["kernels"]["scalar_linears"]
     with start_board(cpu="cortex-a76", port=free_port(), key="pi5") as board:
         result = profile(tmp_path / "a76", rpc=board.address, key="pi5", repeat=1, report_dir=None,

@@ -253,13 +253,14 @@ def test_attention_operator_equals_model_attention_and_its_ste_gradient():
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
-def test_attention_tir_kernel_matches_torch_reference():
+@pytest.mark.parametrize("n,e", [(9, 40), (50, 2100)])  # one thread; heads on the thread pool
+def test_attention_tir_kernel_matches_torch_reference(n, e):
     from qso3_tvm.compiler.kernels.attention import forward_func
 
     target = resolve_target("x86-64").tvm_target()
-    inputs = _attention_case()
+    inputs = _attention_case(n=n, e=e)
     lib = tvm.compile(tvm.IRModule({"main": forward_func(4, 16)}), target=target)
-    out = tvm.runtime.tensor(np.zeros((40, 4), np.float32))
+    out = tvm.runtime.tensor(np.zeros((e, 4), np.float32))
     lib(*(tvm.runtime.tensor(x) for x in inputs), out)
     ref = torch.ops.qso3.l2_attention(*(torch.from_numpy(x) for x in inputs)).numpy()
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-6)

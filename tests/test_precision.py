@@ -142,7 +142,7 @@ def test_cli_quantize_w8_post_training_and_float_head(tmp_path, ethanol_train):
 def w8_artifact(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("w8")
     save_model(tmp / "w8.pt", calibrated(QuantConfig(weight_only=True), torch.float32, layers=1))
-    info = compile_model(str(tmp / "w8.pt"), "x86-64", tmp / "x86", log=lambda *_: None)
+    info = compile_model(str(tmp / "w8.pt"), "x86-64", tmp / "x86", specialize=[], log=lambda *_: None)
     return tmp / "x86", info
 
 
@@ -185,7 +185,7 @@ def test_float_head_compiles_and_follows_float_head_semantics(tmp_path):
     w8a8 = calibrated(QuantConfig(), torch.float32, layers=1)
     head = with_float_head(w8a8)
     save_model(tmp_path / "fh.pt", head)
-    info = compile_model(str(tmp_path / "fh.pt"), "x86-64", tmp_path / "art", log=lambda *_: None)
+    info = compile_model(str(tmp_path / "fh.pt"), "x86-64", tmp_path / "art", specialize=[], log=lambda *_: None)
     assert info["model"]["precision"] == "w8a8-mddq-float-head"
     mols = MoleculeSet.from_molecules([random_molecule(9, seed=s) for s in range(4)])
     e_tvm, f_tvm = CompiledModel(tmp_path / "art").predict(mols)

@@ -47,7 +47,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifact(tiny):
     out = tiny.parent / "art"
-    compile_model(str(tiny), "x86-64", out, log=lambda *_: None)
+    compile_model(str(tiny), "x86-64", out, specialize=[], log=lambda *_: None)
     return out
 
 
@@ -81,7 +81,7 @@ def test_compile_refuses_a_folder_it_did_not_write(tiny, tmp_path, monkeypatch):
 def test_compile_replaces_an_earlier_artifact_only_when_done(artifact, tiny, tmp_path):
     dst = artifact_copy(artifact, tmp_path)
     before = (dst / "model.so").read_bytes()
-    info = compile_model(str(tiny), "x86-64", dst, log=lambda *_: None)
+    info = compile_model(str(tiny), "x86-64", dst, specialize=[], log=lambda *_: None)
     assert info["library_sha256"] and read_manifest(dst)["created"] >= read_manifest(artifact)["created"]
     assert (dst / "model.so").read_bytes()[:4] == before[:4]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left

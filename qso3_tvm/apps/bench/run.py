@@ -185,7 +185,21 @@ def build_inputs(molecules: list, species: tuple[int, ...], cutoff: float, path:
             arrays[prefix + k] = getattr(batch, k).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
-    return {"molecules": b.n_mol, "atoms": len(b.species), "edges": len(b.src)}
+    return {"molecules": b.n_mol, "atoms": len(b.species), "edges": len(b.src),
+            "neighbor_list_ms": neighbor_list_ms(padded, idx, species, cutoff)}
+
+
+def neighbor_list_ms(mols, frames, species: tuple[int, ...], cutoff: float, repeats: int = 5) -> float:
+    """Median host time (ms, numpy + scipy k-d tree) to build a call's graph: neighbor lists and collation.
+    Routes are timed from ready inputs, so this comes on top of every route's time."""
+    from ...graph.neighbors import graph_arrays
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        graph_arrays(mols, frames, species, cutoff)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
 
 
 def build_cases(cfg: BenchConfig, prepared: dict, runnable: list[str], molecules: dict,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ...nn.ops.attention import NORM_EPS
 from ...nn.quant import DIRECTION_LEVELS
+from .messages import PARALLEL_MIN_EDGES
 
 # ---- TIR kernel (N, E symbolic; H, d static) ----------------------------------------------------
 
@@ -14,6 +15,23 @@ def forward_func(heads: int, dim: int):
     from tvm.script import tirx as T
 
     L = float(DIRECTION_LEVELS)
+
+    @T.macro
+    def head_softmax(h, n, e, cq, ck, src, dst, fc, tau, alpha, den, mx, acc):
+        mx[h] = T.float32(0)
+        for i in range(e):  # logits (stored in alpha), max per head
+            acc[h] = 0
+            for j in range(dim):
+                acc[h] = acc[h] + T.Cast("int32", cq[dst[i], h, j]) * T.Cast("int32", ck[src[i], h, j])
+            alpha[i, h] = tau[h] * T.Cast("float32", acc[h]) / T.float32(L * L)
+            mx[h] = T.max(mx[h], alpha[i, h])
+        for a in range(n):
+            den[a, h] = T.exp(-mx[h])
+        for i in range(e):  # cutoff-weighted exponentials, neighbor sums
+            alpha[i, h] = fc[i] * T.exp(alpha[i, h] - mx[h])
+            den[dst[i], h] = den[dst[i], h] + alpha[i, h]
+        for i in range(e):
+            alpha[i, h] = alpha[i, h] / den[dst[i], h]
 
     @T.prim_func(s_tir=True)
     def l2_attention_fwd(q_h: T.handle, k_h: T.handle, src_h: T.handle, dst_h: T.handle, fc_h: T.handle,
@@ -30,7 +48,7 @@ def forward_func(heads: int, dim: int):
         ck = T.alloc_buffer((n, heads, dim), "int8")
         den = T.alloc_buffer((n, heads), "float32")
         mx = T.alloc_buffer((heads,), "float32")
-        acc = T.alloc_buffer((1,), "int32")
+        acc = T.alloc_buffer((heads,), "int32")  # one int32 accumulator per head (heads may run in parallel)
         norm = T.alloc_buffer((2,), "float32")
         with T.sblock("codes"):  # per-atom int8 codes of q̂ and k̂
             for a, h in T.grid(n, heads):
@@ -42,22 +60,13 @@ def forward_func(heads: int, dim: int):
                 for j in range(dim):
                     cq[a, h, j] = T.Cast("int8", T.floor(T.max(T.min(q[a, h, j] * T.rsqrt(norm[0] + T.float32(NORM_EPS)), T.float32(1)), T.float32(-1)) * T.float32(L) + T.float32(0.5)))
                     ck[a, h, j] = T.Cast("int8", T.floor(T.max(T.min(k[a, h, j] * T.rsqrt(norm[1] + T.float32(NORM_EPS)), T.float32(1)), T.float32(-1)) * T.float32(L) + T.float32(0.5)))
-        with T.sblock("softmax"):
-            for h in range(heads):
-                mx[h] = T.float32(0)
-                for i in range(e):  # logits (stored in alpha), max per head
-                    acc[0] = 0
-                    for j in range(dim):
-                        acc[0] = acc[0] + T.Cast("int32", cq[dst[i], h, j]) * T.Cast("int32", ck[src[i], h, j])
-                    alpha[i, h] = tau[h] * T.Cast("float32", acc[0]) / T.float32(L * L)
-                    mx[h] = T.max(mx[h], alpha[i, h])
-                for a in range(n):
-                    den[a, h] = T.exp(-mx[h])
-                for i in range(e):  # cutoff-weighted exponentials, neighbor sums
-                    alpha[i, h] = fc[i] * T.exp(alpha[i, h] - mx[h])
-                    den[dst[i], h] = den[dst[i], h] + alpha[i, h]
-                for i in range(e):
-                    alpha[i, h] = alpha[i, h] / den[dst[i], h]
+        with T.sblock("softmax"):  # heads on the thread pool from PARALLEL_MIN_EDGES edges
+            if e >= PARALLEL_MIN_EDGES:
+                for h in T.parallel(heads):
+                    head_softmax(h, n, e, cq, ck, src, dst, fc, tau, alpha, den, mx, acc)
+            else:
+                for h in range(heads):
+                    head_softmax(h, n, e, cq, ck, src, dst, fc, tau, alpha, den, mx, acc)
 
     return l2_attention_fwd.with_attrs({"global_symbol": "qso3_l2_attention", "tirx.is_scheduled": True,
                                         "op_pattern": 8})
