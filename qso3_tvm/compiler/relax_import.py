@@ -76,8 +76,7 @@ def _scatter_rows_kernel(bb, data, index, values, accumulate: bool):
     if flat:
         data, values = (bb.emit(relax.op.reshape(x, [x.ty.shape[0], width])) for x in (data, values))
     func = scatter_rows_func(width, data.ty.dtype, index.ty.dtype, accumulate)
-    gv = bb.add_func(func, func.attrs["global_symbol"])
-    out = bb.emit(relax.call_tir(gv, [data, index, values], relax.TensorType(data.ty.shape, data.ty.dtype)))
+    out = _call_kernel(bb, func, [data, index, values], relax.TensorType(data.ty.shape, data.ty.dtype))
     return bb.emit(relax.op.reshape(out, shape)) if flat else out
 
 
@@ -131,8 +130,8 @@ def _mddq_call(node, imp, make_func, n_tensors: int):
     v = tensors[-2]
     channels = int(v.ty.shape[-1])
     func = make_func(channels, int(qmax), bool(cube))
-    gv = bb.add_func(func, func.attrs["global_symbol"] + f"_{channels}_{qmax}_{int(cube)}")
-    return bb.emit(relax.call_tir(gv, tensors, relax.TensorType(v.ty.shape, v.ty.dtype)))
+    return _call_kernel(bb, func, tensors, relax.TensorType(v.ty.shape, v.ty.dtype),
+                        func.attrs["global_symbol"] + f"_{channels}_{qmax}_{int(cube)}")
 
 
 def _mddq(node, imp):
@@ -154,8 +153,8 @@ def _l2_attention(node, imp):
     bb = imp.block_builder
     q, k, src, dst, fc, tau = (imp.env[a] for a in node.args)
     heads, dim = int(q.ty.shape[1]), int(q.ty.shape[2])
-    gv = bb.add_func(forward_func(heads, dim), f"qso3_l2_attention_{heads}x{dim}")
-    return bb.emit(relax.call_tir(gv, [q, k, src, dst, fc, tau], relax.TensorType([src.ty.shape[0], heads], "float32")))
+    return _call_kernel(bb, forward_func(heads, dim), [q, k, src, dst, fc, tau],
+                        relax.TensorType([src.ty.shape[0], heads], "float32"), f"qso3_l2_attention_{heads}x{dim}")
 
 
 def _messages(node, imp):
@@ -164,7 +163,8 @@ def _messages(node, imp):
 
     alpha, phi, val, vv, u, src, dst = (imp.env[a] for a in node.args)
     outs = [relax.TensorType([val.ty.shape[0], vv.ty.shape[2]], "float32"), relax.TensorType(vv.ty.shape, "float32")]
-    return _call_kernel(imp, forward_func(int(vv.ty.shape[2]), int(alpha.ty.shape[1])), [alpha, phi, val, vv, u, src, dst], outs)
+    return _call_kernel(imp.block_builder, forward_func(int(vv.ty.shape[2]), int(alpha.ty.shape[1])),
+                        [alpha, phi, val, vv, u, src, dst], outs)
 
 
 def _messages_backward(node, imp):
@@ -174,12 +174,12 @@ def _messages_backward(node, imp):
     args = [imp.env[a] for a in node.args]
     alpha, vv = args[2], args[5]
     outs = [relax.TensorType(x.ty.shape, "float32") for x in args[2:7]]
-    return _call_kernel(imp, backward_func(int(vv.ty.shape[2]), int(alpha.ty.shape[1])), args, outs)
+    return _call_kernel(imp.block_builder, backward_func(int(vv.ty.shape[2]), int(alpha.ty.shape[1])), args, outs)
 
 
-def _call_kernel(imp, func, args, outs):
-    bb = imp.block_builder
-    gv = bb.add_func(func, func.attrs["global_symbol"])
+def _call_kernel(bb, func, args, outs, name: str | None = None):
+    """call_tir of one of our TIR kernels, added to the module under `name` (default: its global symbol)."""
+    gv = bb.add_func(func, name or func.attrs["global_symbol"])
     return bb.emit(relax.call_tir(gv, args, outs))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ...nn.ops.attention import NORM_EPS
 from ...nn.quant import DIRECTION_LEVELS
-from .messages import PARALLEL_MIN_EDGES
+from .schedule import PARALLEL_MIN_EDGES
 
 # ---- TIR kernel (N, E symbolic; H, d static) ----------------------------------------------------
 

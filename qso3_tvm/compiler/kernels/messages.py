@@ -11,7 +11,7 @@ the torch operator's index_add.
 
 from __future__ import annotations
 
-PARALLEL_MIN_EDGES = 2048  # below this a parallel launch costs more than one thread's pass
+from .schedule import PARALLEL_MIN_EDGES
 
 
 def _sizes(channels: int, heads: int) -> tuple[int, int]:

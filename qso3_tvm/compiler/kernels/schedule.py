@@ -21,6 +21,7 @@ import math
 VECTOR_LANES = 16  # float32 lanes of an AVX-512 register; NEON takes 4 and LLVM splits the rest
 MAX_UNROLLED = 4 * VECTOR_LANES  # channel-sized loops only: never unroll a static loop over edges
 PARALLEL_MIN_ELEMENTS = 65536  # outputs of a kernel worth a parallel launch (~10 µs of work at one thread)
+PARALLEL_MIN_EDGES = 2048  # edges from which our edge kernels (messages, attention) run heads on the thread pool
 
 
 def _static_extent(sch, loop) -> int | None:
