@@ -105,6 +105,10 @@ def quantize(
     lr_scalar: float = typer.Option(3e-4),
     lr_vector: float = typer.Option(1e-4),
     lee_weight: float = typer.Option(0.0, help="weight of the LEE penalty (0: off)"),
+    teacher: Optional[str] = typer.Option(None, help="fp32 teacher for distillation (path or bundled name; "
+                                          "default: the fp32 MODEL itself when --distill-weight > 0)"),
+    distill_weight: float = typer.Option(0.0, help="0..1: targets = (1 - w) labels + w teacher outputs "
+                                         "(energies, forces, per-atom energies)"),
     energy_weight: float = typer.Option(1.0, help="loss weight of the per-atom energy error (eV²)"),
     force_weight: float = typer.Option(100.0, help="loss weight of the force error ((eV/Å)²)"),
     rotate: bool = typer.Option(True, help="random rotation of each training batch"),
@@ -131,7 +135,8 @@ def quantize(
     cfg = TrainConfig(data=data, out=str(out), epochs=epochs, batch_size=batch_size, lr=lr_scalar, n_train=n_train,
                       n_val=n_val, seed=seed, max_minutes=max_minutes, threads=threads, rotate=rotate,
                       lee_weight=lee_weight, energy_weight=energy_weight, force_weight=force_weight,
-                      refit_shifts=refit_shifts)
+                      refit_shifts=refit_shifts, teacher=teacher or (model if distill_weight else ""),
+                      distill_weight=distill_weight)
     typer.echo(json.dumps(train_qat(cfg, model, qcfg, resume=resume)))
 
 

@@ -108,6 +108,7 @@ def test_quantized_model_compiles_to_int8_gemms(tmp_path):
     int8 = to_int8(model)
     assert isinstance(int8.layers[0].q, Int8Linear) and int8.layers[0].q.w_codes_t.dtype == torch.int8
     assert isinstance(int8.layers[0].vec_uv, Int8WeightLinear)
+    assert int8.layers[0].filter[2].offset is not None and int8.layers[0].filter[0].offset is None  # LSQ+ on SiLU outputs
     e0, f0 = model_energy_forces(model.eval(), *random_molecule(15, seed=9))
     e1, f1 = model_energy_forces(int8, *random_molecule(15, seed=9))
     assert abs(e0 - e1) < 1e-5 and np.abs(f0 - f1).max() < 1e-5 * max(1.0, np.abs(f0).max())

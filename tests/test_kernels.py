@@ -181,14 +181,14 @@ def test_scatter_rows_kernel_matches_numpy(accumulate, dtype):
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6)
 
 
-@pytest.mark.parametrize("grid", ["cube", "sphere"])
-def test_mddq_operator_equals_qat_module_and_its_ste_gradient(grid):
+@pytest.mark.parametrize("grid,ste", [("cube", "grid"), ("sphere", "grid"), ("cube", "geometric"), ("sphere", "geometric")])
+def test_mddq_operator_equals_qat_module_and_its_ste_gradient(grid, ste):
     """The deployed custom operator's forward and backward vs autograd of quant.MDDQ (float64)."""
     from qso3_tvm.nn.ops.mddq import MDDQKernel
     from qso3_tvm.nn.quant import MDDQ
 
     torch.manual_seed(0)
-    q = MDDQ(16, 8, grid).double()
+    q = MDDQ(16, 8, grid, ste).double()
     v = torch.randn(9, 3, 16, dtype=torch.float64)
     v[0, :, 0] = 0.0  # zero vector: the ε guard
     v[1, :, 1] = torch.tensor([0.5, -0.5, 0.2], dtype=torch.float64)  # tied largest components
@@ -205,8 +205,8 @@ def test_mddq_operator_equals_qat_module_and_its_ste_gradient(grid):
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("cube", [True, False])
-def test_mddq_tir_kernels_match_torch_reference(cube):
+@pytest.mark.parametrize("cube,geometric", [(True, False), (False, False), (True, True)])
+def test_mddq_tir_kernels_match_torch_reference(cube, geometric):
     from qso3_tvm.compiler.kernels import mddq
 
     target = resolve_target("x86-64").tvm_target()
@@ -215,13 +215,14 @@ def test_mddq_tir_kernels_match_torch_reference(cube):
     g = RNG.normal(size=v.shape).astype(np.float32)
     step = np.full(16, 0.02, np.float32)
     fwd = tvm.compile(tvm.IRModule({"main": mddq.forward_func(16, 255, cube)}), target=target)
-    bwd = tvm.compile(tvm.IRModule({"main": mddq.backward_func(16, 255, cube)}), target=target)
+    bwd = tvm.compile(tvm.IRModule({"main": mddq.backward_func(16, 255, cube, geometric)}), target=target)
     out, dv = (tvm.runtime.tensor(np.zeros_like(v)) for _ in range(2))
     fwd(tvm.runtime.tensor(v), tvm.runtime.tensor(step), out)
     bwd(tvm.runtime.tensor(g), tvm.runtime.tensor(v), tvm.runtime.tensor(step), dv)
     tv, tg, ts = (torch.from_numpy(a) for a in (v, g, step))
-    np.testing.assert_allclose(out.numpy(), torch.ops.qso3.mddq(tv, ts, 255, cube).numpy(), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(dv.numpy(), torch.ops.qso3.mddq_backward(tg, tv, ts, 255, cube).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.numpy(), torch.ops.qso3.mddq(tv, ts, 255, cube, geometric).numpy(), rtol=0, atol=1e-6)
+    ref = torch.ops.qso3.mddq_backward(tg, tv, ts, 255, cube, geometric).numpy()
+    np.testing.assert_allclose(dv.numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
 def _attention_case(dtype=np.float32, n=9, e=40, heads=4, dim=16):
@@ -325,6 +326,6 @@ def test_quantized_graph_runs_custom_operators():
     model = quantize_model(tiny_model(torch.float32, seed=4), QuantConfig())
     model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate
     names = {gv.name_hint for gv in import_to_relax(export_energy_forces(deployable(model))).functions}
-    assert {"qso3_l2_attention_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1", "qso3_messages_16x2",
+    assert {"qso3_l2_attention_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1_geometric", "qso3_messages_16x2",
             "qso3_messages_backward_16x2"} <= names
     assert any(n.startswith("qso3_scatter_rows_add_float32_") for n in names)  # neighbor sums

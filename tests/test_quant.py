@@ -187,7 +187,7 @@ def test_cli_quantize_and_evaluate(tmp_path, ethanol_train, ethanol_test):
     runner = CliRunner()
     r = runner.invoke(app, ["quantize", str(tmp_path / "fp32.pt"), "--data", str(ethanol_train), "-o",
                             str(tmp_path / "q"), "--epochs", "2", "--warmup-epochs", "1", "--n-train", "16",
-                            "--n-val", "8"])
+                            "--n-val", "8", "--distill-weight", "0.5"])
     assert r.exit_code == 0, r.output
     q = load_model(tmp_path / "q" / "best.pt")
     assert q.quant_cfg == QuantConfig(warmup_epochs=1)
@@ -199,3 +199,33 @@ def test_cli_quantize_and_evaluate(tmp_path, ethanol_train, ethanol_test):
     assert result["precision"] == "w8a8-mddq" and result["lee_mev_per_a"] > 0
     r = runner.invoke(app, ["quantize", str(tmp_path / "q" / "best.pt"), "-o", str(tmp_path / "qq")])
     assert r.exit_code == 2 and "already quantized" in r.stderr
+
+
+def test_distillation_loss_is_zero_on_the_teacher_and_sees_energy_offsets(tmp_path, ethanol_train):
+    import copy
+
+    from qso3_tvm.errors import QSO3Error
+    from qso3_tvm.graph.datasets import load_dataset
+    from qso3_tvm.nn.checkpoint import save_model
+    from qso3_tvm.nn.model import energies_and_forces
+    from qso3_tvm.nn.train import TrainConfig, Trainer
+
+    teacher = tiny_model(torch.float32, energy_shift=[-13.6, -1030.0, -1480.0, -2040.0, -2700.0])
+    save_model(tmp_path / "t.pt", teacher)
+    cfg = TrainConfig(data=str(ethanol_train), out=str(tmp_path / "o"), n_train=16, n_val=8,
+                      teacher=str(tmp_path / "t.pt"), distill_weight=1.0)
+    student = copy.deepcopy(teacher)
+    trainer = Trainer(cfg, student, load_dataset(str(ethanol_train), "train"))
+    batch = trainer._batch(trainer.train_idx[:4])
+    assert float(trainer.distill_loss(student, batch, *energies_and_forces(student, batch)).detach()) < 1e-10
+    student.cfg.energy_shift = [-13.6 + 0.01] + teacher.cfg.energy_shift[1:]  # +10 meV per H atom
+    loss = float(trainer.distill_loss(student, batch, *energies_and_forces(student, batch)).detach())
+    from qso3_tvm.nn.model import segment_sum
+
+    is_h = (batch.species == 0).double()  # species index 0: H
+    per_molecule = 0.01 * segment_sum(is_h, batch.mol, batch.n_mol) / batch.n_atoms  # eV per atom
+    expected = float((per_molecule ** 2).mean() + 1e-4 * is_h.mean())  # molecule energies + per-atom energies
+    assert abs(loss - expected) < 1e-4 * expected
+    with pytest.raises(QSO3Error, match="distill_weight"):
+        TrainConfig(distill_weight=0.5)
+

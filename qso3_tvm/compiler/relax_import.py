@@ -126,12 +126,12 @@ def _mddq_call(node, imp, make_func, n_tensors: int):
     """qso3.mddq / qso3.mddq_backward -> call_tir of the TIR kernel (compiler.kernels.mddq)."""
     bb = imp.block_builder
     tensors = [imp.env[a] for a in node.args[:n_tensors]]
-    qmax, cube = node.args[n_tensors], node.args[n_tensors + 1]
+    qmax, cube, geometric = node.args[n_tensors:n_tensors + 3]
     v = tensors[-2]
     channels = int(v.ty.shape[-1])
-    func = make_func(channels, int(qmax), bool(cube))
-    return _call_kernel(bb, func, tensors, relax.TensorType(v.ty.shape, v.ty.dtype),
-                        func.attrs["global_symbol"] + f"_{channels}_{qmax}_{int(cube)}")
+    func = make_func(channels, int(qmax), bool(cube), bool(geometric))
+    suffix = f"_{channels}_{qmax}_{int(cube)}" + ("_geometric" if geometric and n_tensors == 3 else "")
+    return _call_kernel(bb, func, tensors, relax.TensorType(v.ty.shape, v.ty.dtype), func.attrs["global_symbol"] + suffix)
 
 
 def _mddq(node, imp):

@@ -2,7 +2,7 @@
 
 `to_int8(model)` replaces every QuantLinear:
 - scalar-branch Linears (with an activation quantizer) become Int8Linear: the activation codes
-  q_x = clamp(floor(x / s_x + 0.5), ±127) are cast to int8 and multiplied with int8 weight codes by
+  q_x = clamp(floor(x / s_x + 0.5), ±127) (LSQ+ inputs: of x - β, in 0..255) are cast to int8 and multiplied with int8 weight codes by
   torch._int_mm (int32 accumulation, exact); the int32 result is scaled by s_x·s_w and the bias added.
 - vector-branch Linears (inputs are MDDQ-decoded vectors) become Int8WeightLinear: int8 weight codes
   stored, dequantized by their per-channel step.
@@ -59,11 +59,16 @@ class Int8Linear(nn.Module):
             self.register_buffer("w_codes_t", codes)
             self.register_buffer("s_w", wq.scale().detach().clone().reshape(-1))
             self.register_buffer("s_x", act.scale().detach().clone().reshape(()))
-            self.register_buffer("bias", layer.bias.detach().clone() if layer.bias is not None
-                                 else torch.zeros(layer.out_features))
+            bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_features)
+            if act.offset is not None:  # LSQ+: x = x' + β, so β · Σ_k W_q[k, n] joins the bias
+                bias = bias + act.offset.detach() * (codes.to(bias.dtype) * self.s_w).sum(0)
+            self.register_buffer("bias", bias)
+            self.register_buffer("offset", None if act.offset is None else act.offset.detach().clone())
         self.qmin, self.qmax, self.zp = act.qmin, act.qmax, 0 if act.signed else 128
 
     def forward(self, x):
+        if self.offset is not None:
+            x = x - self.offset
         y = _Int8Matmul.apply(x, self.w_codes_t, self.s_x, self.s_w, self.qmin, self.qmax, self.zp)
         return y + self.bias
 

@@ -200,10 +200,16 @@ class So3krates(nn.Module):
 
 def energy_and_forces(model: So3krates, batch: Batch, create_graph: bool = False):
     """Interaction energy per molecule (eV, add model.reference_energy for the total) and forces -dE/dx (eV/Å)."""
+    return energies_and_forces(model, batch, create_graph)[:2]
+
+
+def energies_and_forces(model: So3krates, batch: Batch, create_graph: bool = False):
+    """energy_and_forces and the per-atom interaction energies (eV) they sum."""
     pos = batch.pos.detach().requires_grad_(True)
-    energy = model(batch.species, pos, batch.mol, batch.src, batch.dst, batch.n_mol)
+    atoms = model.atomic_energies(batch.species, pos, batch.src, batch.dst)
+    energy = segment_sum(atoms, batch.mol, batch.n_mol)
     (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
-    return energy, -grad
+    return energy, -grad, atoms
 
 
 def fit_energy_shift(numbers_per_frame: list, energies, species: tuple[int, ...]) -> list[float]:

@@ -19,7 +19,7 @@ moves small vectors by up to √3·s/2, any angle.
 Which tensors are quantized (QuantConfig defaults):
   int8 (int4 with w_bits=4): the weights of every nn.Linear (per output channel, learned step).
   int8 activations: the input of every scalar-branch Linear (per tensor, learned step; the radial
-    basis input is unsigned), the vector features after each residual update (MDDQ), q̂ and k̂.
+    basis input is unsigned; SiLU outputs are unsigned with a learned offset, LSQ+), the vector features after each residual update (MDDQ), q̂ and k̂.
   higher precision, and why: biases (added in the int32 accumulator domain, scale s_x·s_w, simulated
     in float); the species embedding (a 5×64 lookup table, no arithmetic); edge geometry (distances,
     unit vectors, radial basis, cutoff: the inputs whose precision decides force accuracy); softmax
@@ -66,15 +66,20 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
 
 class LSQ(nn.Module):
     """Learned-step-size fake quantizer (Esser et al. 2020). `channels` > 1: one step per channel
-    along `channel_dim`; the step is initialized from the first tensor it sees (calibration)."""
+    along `channel_dim`; the step is initialized from the first tensor it sees (calibration).
+    `offset=True` (LSQ+, Bhalgat et al. 2020; unsigned, per tensor): x̃ = clamp(floor((x - β)/s + 0.5), 0, qmax)·s + β
+    with a learned offset β, for inputs bounded below but not at 0 (SiLU outputs ≥ -0.278)."""
 
     def __init__(self, bits: int = 8, signed: bool = True, channels: int = 1, channel_dim: int = -1,
-                 init: str = "lsq"):
+                 init: str = "lsq", offset: bool = False):
         super().__init__()
+        if offset and (signed or channels != 1):
+            raise ValueError("a learned offset needs an unsigned per-tensor quantizer")
         self.bits, self.signed, self.channel_dim, self.init = bits, signed, channel_dim, init
         self.qmax = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
         self.qmin = -self.qmax if signed else 0
         self.step = nn.Parameter(torch.ones(channels))
+        self.offset = nn.Parameter(torch.zeros(())) if offset else None
         self.register_buffer("initialized", torch.tensor(False))
         self.enabled = True
 
@@ -92,6 +97,9 @@ class LSQ(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
+        if self.offset is not None:  # β at the smallest value seen, the step from what lies above it
+            self.offset.copy_(x.detach().min())
+            x = x - self.offset
         a = x.detach().abs()
         dims = self._reduce_dims(x)
         if self.init == "max":  # weights: no clipping at the start
@@ -107,7 +115,10 @@ class LSQ(nn.Module):
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integers, as float tensors (exact for |q| < 2^24)."""
         s = self.scale().reshape(self._shape(x))
-        return torch.clamp(torch.floor(x / s + 0.5), self.qmin, self.qmax)
+        return torch.clamp(torch.floor((x - self.beta()) / s + 0.5), self.qmin, self.qmax)
+
+    def beta(self) -> torch.Tensor | float:
+        return 0.0 if self.offset is None else self.offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -115,11 +126,15 @@ class LSQ(nn.Module):
         if not bool(self.initialized):
             self.calibrate(x)
         n = x.numel() / max(self.step.numel(), 1)
-        s = grad_scale(self.scale(), 1.0 / math.sqrt(max(n * self.qmax, 1.0))).reshape(self._shape(x))
-        return round_ste(torch.clamp(x / s, self.qmin, self.qmax)) * s
+        g = 1.0 / math.sqrt(max(n * self.qmax, 1.0))
+        s = grad_scale(self.scale(), g).reshape(self._shape(x))
+        if self.offset is None:
+            return round_ste(torch.clamp(x / s, self.qmin, self.qmax)) * s
+        beta = grad_scale(self.offset, g)
+        return round_ste(torch.clamp((x - beta) / s, self.qmin, self.qmax)) * s + beta
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}, channels={self.step.numel()}"
+        return f"bits={self.bits}, signed={self.signed}, channels={self.step.numel()}, offset={self.offset is not None}"
 
 
 class FixedGrid(nn.Module):
@@ -149,20 +164,26 @@ class MDDQ(nn.Module):
     grid "cube": d = floor(127 u / max|u_x| + 0.5); the largest component is exactly ±127, so
     only two components carry rounding error and |127 u / max|u_x|| >= 127:
     angle error <= asin(√2 / 254) = 0.319°, and typically ~1.7× smaller than "sphere".
+    ste "geometric": the backward treats the decoded direction as u = v/|v| (the gradient is projected on
+    the sphere's tangent plane at u, the same in every frame); "grid": straight through the rounding of the
+    grid codes (the backward sees the grid's axes and, for "cube", which component is the largest).
     """
 
-    def __init__(self, channels: int, bits: int = 8, grid: str = "cube"):
+    def __init__(self, channels: int, bits: int = 8, grid: str = "cube", ste: str = "geometric"):
         super().__init__()
         self.magnitude = LSQ(bits, signed=False, channels=channels)
-        self.grid = grid
+        self.grid, self.ste = grid, ste
         self.enabled = True
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return v
         r = torch.sqrt((v * v).sum(1) + MDDQ_EPS**2)  # (N, F)
-        d = direction_codes(v / r[:, None, :], self.grid)  # int8 codes, |d_x| <= 127
+        u = v / r[:, None, :]
+        d = direction_codes(u, self.grid)  # int8 codes, |d_x| <= 127
         unit = d * torch.rsqrt((d * d).sum(1, keepdim=True) + MDDQ_EPS**2)
+        if self.ste == "geometric":  # backward as if the direction were u: its gradient lies in u's tangent plane
+            unit = u + (unit - u).detach()
         return self.magnitude(r)[:, None, :] * unit
 
 
@@ -197,6 +218,8 @@ class QuantConfig:
     a_bits: int = 8
     vector: str = "mddq"  # "mddq" | "naive" | "none"
     direction_grid: str = "cube"  # MDDQ direction codes: "cube" (max-scaled) or "sphere" (fixed 1/127 grid)
+    direction_ste: str = "geometric"  # MDDQ backward: "geometric" (tangent plane) or "grid" (checkpoints before it)
+    silu_offset: bool = True  # LSQ+: unsigned codes with a learned offset for SiLU outputs (False: signed, symmetric)
     attention: bool = True  # fixed-grid int8 q̂, k̂ (l2norm models); per-tensor LSQ on q, k (dot models)
     staged: bool = True  # scalars first, vectors after warmup_epochs
     warmup_epochs: int = 5
@@ -212,9 +235,10 @@ class QuantConfig:
         bad = [f"{k} {getattr(self, k)!r}" for k, ok in (
             ("w_bits", self.w_bits in (4, 8)), ("a_bits", self.a_bits == 8),
             ("vector", self.vector in ("mddq", "naive", "none")), ("direction_grid", self.direction_grid in ("cube", "sphere")),
+            ("direction_ste", self.direction_ste in ("geometric", "grid")),
             ("warmup_epochs", isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0),
             ("lr_scalar", self.lr_scalar > 0), ("lr_vector", self.lr_vector > 0),
-            ("weight_only", isinstance(self.weight_only, bool)), ("float_head", isinstance(self.float_head, bool))) if not ok]
+            ("weight_only", isinstance(self.weight_only, bool)), ("silu_offset", isinstance(self.silu_offset, bool)), ("float_head", isinstance(self.float_head, bool))) if not ok]
         if bad:
             raise QSO3Error("invalid quantization config: " + "; ".join(bad))
 
@@ -247,13 +271,14 @@ def parse_precision(precision: str | None, w_bits: int | None) -> tuple[int, boo
 VECTOR_LINEARS = ("vec_value", "vec_uv")
 
 
-def _act(cfg: QuantConfig, signed: bool = True) -> LSQ | None:
+def _act(cfg: QuantConfig, signed: bool = True, offset: bool = False) -> LSQ | None:
     """The input quantizer of a scalar-branch Linear; None (float input) in weight-only precisions."""
-    return None if cfg.weight_only else LSQ(cfg.a_bits, signed=signed)
+    return None if cfg.weight_only else LSQ(cfg.a_bits, signed=signed and not offset, offset=offset)
 
 
 def _quantize_mlp(seq: nn.Sequential, cfg: QuantConfig, first_signed: bool = True, float_inputs: bool = False) -> None:
-    acts = (None, None) if float_inputs else (_act(cfg, first_signed), _act(cfg))
+    """Linear, SiLU, Linear: the second Linear's input is a SiLU output (LSQ+ offset when cfg.silu_offset)."""
+    acts = (None, None) if float_inputs else (_act(cfg, first_signed), _act(cfg, offset=cfg.silu_offset))
     seq[0] = QuantLinear(seq[0], cfg.w_bits, acts[0])
     seq[2] = QuantLinear(seq[2], cfg.w_bits, acts[1])
 
@@ -267,7 +292,7 @@ def _quantize_layer(layer: InteractionLayer, cfg: QuantConfig) -> None:
     for name in VECTOR_LINEARS:  # inputs are MDDQ-decoded vectors (see module docstring)
         setattr(layer, name, QuantLinear(getattr(layer, name), cfg.w_bits, None))
     if cfg.vector == "mddq":
-        layer.hooks.vector = MDDQ(F_, cfg.a_bits, cfg.direction_grid)
+        layer.hooks.vector = MDDQ(F_, cfg.a_bits, cfg.direction_grid, cfg.direction_ste)
     elif cfg.vector == "naive":
         layer.hooks.vector = NaiveVector(cfg.a_bits)
     if cfg.attention:

@@ -24,7 +24,7 @@ from ..graph.datasets import load_dataset
 from ..graph.molecules import MoleculeSet
 from .batch import Batch, make_batch
 from .checkpoint import atomic_save, model_payload, save_model
-from .model import ModelConfig, So3krates, energy_and_forces, fit_energy_shift
+from .model import ModelConfig, So3krates, energies_and_forces, energy_and_forces, fit_energy_shift
 
 
 @dataclass
@@ -46,12 +46,15 @@ class TrainConfig:
     rotate: bool = False  # random rotation of every training batch (QAT: quantized models are not exactly equivariant)
     lee_weight: float = 0.0  # weight of the LEE penalty mean ‖Rᵀ F(R x) − F(x)‖² in (meV/Å)²
     refit_shifts: bool = True  # QAT: refit the energy shifts after calibration and on the best model at the end
+    teacher: str = ""  # QAT distillation: fp32 checkpoint (path or bundled name) whose outputs are targets too
+    distill_weight: float = 0.0  # targets = (1 - w) labels + w teacher (energy, forces), plus w · per-atom energies
 
     def __post_init__(self):
         bad = [f"{k} {getattr(self, k)!r}" for k, ok in (
             ("epochs", self.epochs >= 0), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
             ("n_train", self.n_train >= 1), ("n_val", self.n_val >= 1), ("ema_decay", 0 <= self.ema_decay < 1),
             ("max_minutes", self.max_minutes >= 0), ("threads", self.threads >= 0), ("lee_weight", self.lee_weight >= 0),
+            ("distill_weight", 0 <= self.distill_weight <= 1 and (self.distill_weight == 0 or bool(self.teacher))),
             ("energy_weight", self.energy_weight >= 0), ("force_weight", self.force_weight >= 0)) if not ok]
         if bad:
             raise QSO3Error("invalid training config: " + "; ".join(bad))
@@ -80,6 +83,16 @@ def fit_output_scaling(model_cfg: ModelConfig, mols: MoleculeSet, train_idx) -> 
         model_cfg.energy_scale = float(np.sqrt(np.mean(np.square(resid))))
 
 
+def load_teacher(spec: str, student: So3krates) -> So3krates:
+    """The fp32 distillation teacher, frozen; QSO3Error when it is quantized or built for other elements."""
+    from .checkpoint import load_model
+
+    teacher = load_model(spec).eval().requires_grad_(False)
+    if getattr(teacher, "quant_cfg", None) is not None or tuple(teacher.cfg.species) != tuple(student.cfg.species):
+        raise QSO3Error(f"teacher {spec}: needs an fp32 model with species {student.cfg.species}")
+    return teacher
+
+
 def rotate_batch(batch: Batch, rng: np.random.Generator | None = None, rot: torch.Tensor | None = None) -> Batch:
     """The batch rotated by `rot` (or a random rotation) about the origin; forces rotate with it."""
     if rot is None:
@@ -96,6 +109,7 @@ class Trainer:
         self.train_idx, self.val_idx = split_indices(cfg, mols)
         self.model = model
         self.on_epoch = on_epoch or (lambda model, epoch: None)  # e.g. the QAT stage switch
+        self.teacher = load_teacher(cfg.teacher, model) if cfg.distill_weight else None
         self.on_epoch(self.model, 0)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(param_groups or self.model.parameters(), lr=cfg.lr, weight_decay=0.0, amsgrad=True)
@@ -114,21 +128,32 @@ class Trainer:
     def loss(self, model: So3krates, batch: Batch, create_graph: bool, rng: np.random.Generator | None = None):
         if rng is not None and self.cfg.rotate:
             batch = rotate_batch(batch, rng)
+        target_e = (batch.energy.double() - model.reference_energy(batch)).float()
         if batch.forces is None:  # energy-only data
             e = model(batch.species, batch.pos, batch.mol, batch.src, batch.dst, batch.n_mol)
-            target_e = (batch.energy.double() - model.reference_energy(batch)).float()
             return self.cfg.energy_weight * (((e - target_e) / batch.n_atoms) ** 2).mean(), e - target_e, e.new_zeros(0)
-        e, f = energy_and_forces(model, batch, create_graph=create_graph)
-        target_e = (batch.energy.double() - model.reference_energy(batch)).float()
+        distill = self.teacher is not None and rng is not None  # training steps only: validation is on labels
+        e, f, atoms = energies_and_forces(model, batch, create_graph=create_graph)
         n_atoms = batch.n_atoms.to(e.dtype)
-        loss_e = (((e - target_e) / n_atoms) ** 2).mean()
-        loss_f = ((f - batch.forces) ** 2).mean()
+        loss_e, loss_f = (((e - target_e) / n_atoms) ** 2).mean(), ((f - batch.forces) ** 2).mean()
         total = self.cfg.energy_weight * loss_e + self.cfg.force_weight * loss_f
+        if distill:
+            total = (1 - self.cfg.distill_weight) * total + self.cfg.distill_weight * self.distill_loss(model, batch, e, f, atoms)
         if rng is not None and self.cfg.lee_weight:
             rot = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=f.dtype)
             _, f_rot = energy_and_forces(model, rotate_batch(batch, rot=rot), create_graph=create_graph)
             total = total + self.cfg.lee_weight * 1e6 * ((f_rot @ rot - f) ** 2).sum(-1).mean()  # (meV/Å)²
         return total, e - target_e, f - batch.forces
+
+    def distill_loss(self, model: So3krates, batch: Batch, e, f, atoms):
+        """Loss against the fp32 teacher on the same (rotated) batch: molecule energies, forces and per-atom
+        energies (each model's per-element shifts included: the student's are refitted after calibration)."""
+        e_t, f_t, atoms_t = energies_and_forces(self.teacher, batch)
+        shift = lambda m: torch.tensor(m.cfg.energy_shift or [0.0] * len(m.cfg.species))[batch.species]  # noqa: E731
+        de = (e - e_t.detach() + (model.reference_energy(batch) - self.teacher.reference_energy(batch)).float()) / batch.n_atoms
+        da = atoms + shift(model) - atoms_t.detach() - shift(self.teacher)
+        return (self.cfg.energy_weight * ((de ** 2).mean() + (da ** 2).mean())
+                + self.cfg.force_weight * ((f - f_t.detach()) ** 2).mean())
 
     def train_epoch(self, bar) -> float:
         self.on_epoch(self.model, self.epoch)

@@ -38,15 +38,18 @@ def _cube_grad(tir, p, g_w):
     return [g_w[c] / m + sign[c] * is_max[c] * share for c in range(3)]
 
 
-def _grad_expr(tir, G, V, step, i, c, f, qmax: int, cube: bool):
+def _grad_expr(tir, G, V, step, i, c, f, qmax: int, cube: bool, geometric: bool):
     f32 = lambda x: tir.const(x, "float32")  # noqa: E731
     p = _te_parts(tir, V, step, i, f, qmax, cube)
     d, nd, rq, r, v = p["d"], p["nd"], p["rq"], p["r"], p["v"]
     g = [G[i, k, f] for k in range(3)]
     g_rq = (g[0] * d[0] + g[1] * d[1] + g[2] * d[2]) * nd
     dg = (g[0] * d[0] + g[1] * d[1] + g[2] * d[2]) * rq
-    g_w = [f32(DIRECTION_LEVELS) * (nd * rq * g[k] - d[k] * nd * nd * nd * dg) for k in range(3)]
-    g_u = _cube_grad(tir, p, g_w) if cube else g_w
+    if geometric:  # the direction's gradient taken at u
+        g_u = [rq * g[k] for k in range(3)]
+    else:
+        g_w = [f32(DIRECTION_LEVELS) * (nd * rq * g[k] - d[k] * nd * nd * nd * dg) for k in range(3)]
+        g_u = _cube_grad(tir, p, g_w) if cube else g_w
     x = r / step[f]
     inside = tir.Select(tir.all(x >= f32(0.0), x <= f32(qmax)), f32(1.0), f32(0.0))
     g_r = g_rq * inside - (g_u[0] * v[0] + g_u[1] * v[1] + g_u[2] * v[2]) / (r * r)
@@ -62,8 +65,8 @@ def _prim_func(name: str, channels: int, build):
     return te.create_prim_func(ins).with_attrs({"global_symbol": name, "tirx.noalias": True, "op_pattern": 8})
 
 
-def forward_func(channels: int, qmax: int, cube: bool):
-    """out (N, 3, F) = MDDQ(v (N, 3, F); magnitude steps (F,))."""
+def forward_func(channels: int, qmax: int, cube: bool, geometric: bool = False):
+    """out (N, 3, F) = MDDQ(v (N, 3, F); magnitude steps (F,)); `geometric` (the STE) changes only the backward."""
     def build(te, tir, n):
         V = te.placeholder((n, 3, channels), "float32", name="v")
         S = te.placeholder((channels,), "float32", name="step")
@@ -75,12 +78,14 @@ def forward_func(channels: int, qmax: int, cube: bool):
     return _prim_func("qso3_mddq", channels, build)
 
 
-def backward_func(channels: int, qmax: int, cube: bool):
+def backward_func(channels: int, qmax: int, cube: bool, geometric: bool):
     """dL/dv (N, 3, F) from dL/dout, v and the magnitude steps (straight-through, see module doc)."""
     def build(te, tir, n):
         G = te.placeholder((n, 3, channels), "float32", name="grad")
         V = te.placeholder((n, 3, channels), "float32", name="v")
         S = te.placeholder((channels,), "float32", name="step")
-        out = te.compute((n, 3, channels), lambda i, c, f: _grad_expr(tir, G, V, S, i, c, f, qmax, cube), name="mddq_bwd")
+        out = te.compute((n, 3, channels), lambda i, c, f: _grad_expr(tir, G, V, S, i, c, f, qmax, cube, geometric),
+                         name="mddq_bwd")
         return [G, V, S, out]
     return _prim_func("qso3_mddq_backward", channels, build)
+

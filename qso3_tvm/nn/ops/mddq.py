@@ -5,8 +5,9 @@ The exported graph then holds `qso3.mddq` / `qso3.mddq_backward` nodes, which
 compiler.relax_import.CONVERTERS maps to the TIR kernels of compiler.kernels.mddq. Numerics (per atom n, channel f; quant.MDDQ is the definition):
   r = sqrt(|v|² + ε²), u = v / r, w = u / max(max_c |u_c|, ε) (cube grid) or u (sphere grid),
   d = floor(127 w + 0.5), r_q = clamp(floor(r / s + 0.5), 0, qmax) · s, out = r_q · d · (|d|² + ε²)^-½
-Backward: the vector-Jacobian product of that function with round() replaced by the identity
-(what autograd gives the QAT model: straight-through), so compiled forces equal QAT forces.
+Backward: what autograd gives the QAT model (quant.MDDQ.ste), so compiled forces equal QAT forces:
+  grid STE: the vector-Jacobian product of that function with round() replaced by the identity;
+  geometric STE: of out = r_q · u (the decoded direction's gradient taken at u = v / r).
 """
 
 from __future__ import annotations
@@ -30,17 +31,21 @@ def _forward_parts(v, step, qmax: int, cube: bool):
 
 
 @torch.library.custom_op("qso3::mddq", mutates_args=())
-def mddq(v: torch.Tensor, step: torch.Tensor, qmax: int, cube: bool) -> torch.Tensor:
+def mddq(v: torch.Tensor, step: torch.Tensor, qmax: int, cube: bool, geometric: bool) -> torch.Tensor:
+    """(`geometric` changes only the backward)"""
     _, _, _, d, nd, rq = _forward_parts(v, step, qmax, cube)
     return (rq * nd)[:, None, :] * d
 
 
 @torch.library.custom_op("qso3::mddq_backward", mutates_args=())
-def mddq_backward(grad: torch.Tensor, v: torch.Tensor, step: torch.Tensor, qmax: int, cube: bool) -> torch.Tensor:
+def mddq_backward(grad: torch.Tensor, v: torch.Tensor, step: torch.Tensor, qmax: int, cube: bool,
+                  geometric: bool) -> torch.Tensor:
     r, u, m, d, nd, rq = _forward_parts(v, step, qmax, cube)
     unit = d * nd[:, None, :]
     g_rq = (grad * unit).sum(1)
     g_unit = rq[:, None, :] * grad
+    if geometric:
+        return _through_r_and_u(g_unit, g_rq, v, r, step, qmax)
     g_d = nd[:, None, :] * g_unit - d * (nd**3 * (d * g_unit).sum(1))[:, None, :]
     g_w = DIRECTION_LEVELS * g_d
     if cube:  # w = u / m, m = clamp(max_c |u_c|, ε): amax's gradient is shared by tied maxima
@@ -50,30 +55,35 @@ def mddq_backward(grad: torch.Tensor, v: torch.Tensor, step: torch.Tensor, qmax:
         g_u = g_u + torch.sign(u) * is_max * (g_m / is_max.sum(1))[:, None, :]
     else:
         g_u = g_w
+    return _through_r_and_u(g_u, g_rq, v, r, step, qmax)
+
+
+def _through_r_and_u(g_u, g_rq, v, r, step, qmax: int):
+    """dL/dv from dL/du (u = v / r) and dL/dr_q (straight through the magnitude's rounding, clipped)."""
     x = r / step
     g_r = g_rq * ((x >= 0) & (x <= qmax)).to(v.dtype) - (g_u * v).sum(1) / (r * r)
     return g_u / r[:, None, :] + g_r[:, None, :] * v / r[:, None, :]
 
 
 @mddq.register_fake
-def _(v, step, qmax, cube):
+def _(v, step, qmax, cube, geometric):
     return torch.empty_like(v)
 
 
 @mddq_backward.register_fake
-def _(grad, v, step, qmax, cube):
+def _(grad, v, step, qmax, cube, geometric):
     return torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    v, step, qmax, cube = inputs
+    v, step, qmax, cube, geometric = inputs
     ctx.save_for_backward(v, step)
-    ctx.qmax, ctx.cube = qmax, cube
+    ctx.qmax, ctx.cube, ctx.geometric = qmax, cube, geometric
 
 
 def _backward(ctx, grad):
     v, step = ctx.saved_tensors
-    return torch.ops.qso3.mddq_backward(grad, v, step, ctx.qmax, ctx.cube), None, None, None
+    return torch.ops.qso3.mddq_backward(grad, v, step, ctx.qmax, ctx.cube, ctx.geometric), None, None, None, None
 
 
 mddq.register_autograd(_backward, setup_context=_setup)
@@ -85,7 +95,7 @@ class MDDQKernel(nn.Module):
     def __init__(self, q):
         super().__init__()
         self.register_buffer("step", q.magnitude.scale().detach().clone().reshape(-1))
-        self.qmax, self.cube = q.magnitude.qmax, q.grid == "cube"
+        self.qmax, self.cube, self.geometric = q.magnitude.qmax, q.grid == "cube", q.ste == "geometric"
 
     def forward(self, v):
-        return torch.ops.qso3.mddq(v, self.step.to(v.dtype), self.qmax, self.cube)
+        return torch.ops.qso3.mddq(v, self.step.to(v.dtype), self.qmax, self.cube, self.geometric)
