@@ -67,6 +67,7 @@ def train(
     seed: int = typer.Option(0),
     max_minutes: float = typer.Option(0.0, help="wall-time budget (0: none)"),
     threads: int = typer.Option(0, help="torch threads (0: default)"),
+    device: str = typer.Option("cpu", help="torch device: cpu, or cuda (a GPU; see reports/cuda/train_gpu.sh)"),
     resume: bool = typer.Option(True, help="continue from OUT/last.pt if present"),
 ):
     """Train an fp32 model on energies and forces."""
@@ -78,7 +79,7 @@ def train(
         raise QSO3Error(f"--attention must be 'l2norm' or 'dot', not {attention!r}")
     cfg = TrainConfig(data=data, out=str(out), epochs=epochs, batch_size=batch_size, lr=lr,
                       energy_weight=energy_weight, force_weight=force_weight, n_train=n_train, n_val=n_val,
-                      ema_decay=ema_decay, seed=seed, max_minutes=max_minutes, threads=threads)
+                      ema_decay=ema_decay, seed=seed, max_minutes=max_minutes, threads=threads, device=device)
     model_cfg = ModelConfig(channels=channels, layers=layers, heads=heads, cutoff=cutoff, attention=attention)
     summary = run(cfg, model_cfg, resume=resume)
     typer.echo(json.dumps(summary))
@@ -99,6 +100,11 @@ def quantize(
     branch_separate: bool = typer.Option(True, help="--no-branch-separate: one learning rate for all"),
     vector: str = typer.Option("mddq", help="vector features: mddq, naive (component-wise) or none"),
     direction_grid: str = typer.Option("cube", help="MDDQ direction codes: cube (max-scaled) or sphere (fixed 1/127)"),
+    direction_ste: str = typer.Option("geometric", help="MDDQ backward: geometric (tangent plane at the true "
+                                      "direction) or grid (straight through the grid codes)"),
+    silu_offset: bool = typer.Option(True, help="LSQ+: SiLU outputs as unsigned codes with a learned offset "
+                                     "(--no-silu-offset: signed symmetric codes)"),
+    lr_steps_factor: float = typer.Option(0.01, help="quantizer steps learn at this fraction of their branch's rate"),
     attention_quant: bool = typer.Option(True, help="int8 q̂, k̂ in attention"),
     float_head: bool = typer.Option(False, help="keep the energy head's activations in float (weights int8)"),
     w_bits: Optional[int] = typer.Option(None, help="weight bits: 8 (W8A8) or 4 (W4A8, same as --precision w4a8)"),
@@ -120,6 +126,7 @@ def quantize(
     seed: int = typer.Option(0),
     max_minutes: float = typer.Option(0.0, help="wall-time budget (0: none)"),
     threads: int = typer.Option(0, help="torch threads (0: default)"),
+    device: str = typer.Option("cpu", help="torch device: cpu, or cuda (a GPU; see reports/cuda/train_gpu.sh)"),
     resume: bool = typer.Option(True, help="continue from OUT/last.pt if present"),
 ):
     """Quantization-aware training (MDDQ, branch-separated, staged) from an fp32 checkpoint."""
@@ -130,13 +137,14 @@ def quantize(
         raise QSO3Error("--vector must be mddq|naive|none, --direction-grid cube|sphere, --w-bits 4|8")
     bits, weight_only = parse_precision(precision, w_bits)
     qcfg = QuantConfig(w_bits=bits, vector=vector, direction_grid=direction_grid, attention=attention_quant,
+                       direction_ste=direction_ste, silu_offset=silu_offset, lr_steps_factor=lr_steps_factor,
                        staged=staged, warmup_epochs=warmup_epochs, branch_separate=branch_separate,
                        lr_scalar=lr_scalar, lr_vector=lr_vector, weight_only=weight_only, float_head=float_head)
     cfg = TrainConfig(data=data, out=str(out), epochs=epochs, batch_size=batch_size, lr=lr_scalar, n_train=n_train,
                       n_val=n_val, seed=seed, max_minutes=max_minutes, threads=threads, rotate=rotate,
                       lee_weight=lee_weight, energy_weight=energy_weight, force_weight=force_weight,
                       refit_shifts=refit_shifts, teacher=teacher or (model if distill_weight else ""),
-                      distill_weight=distill_weight)
+                      distill_weight=distill_weight, device=device)
     typer.echo(json.dumps(train_qat(cfg, model, qcfg, resume=resume)))
 
 

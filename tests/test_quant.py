@@ -137,13 +137,18 @@ def test_staged_schedule_switches_at_warmup():
 
 
 def test_branch_param_groups_cover_all_parameters():
-    model = quantize_model(tiny_model(torch.float32), QuantConfig())
+    cfg = QuantConfig(lr_scalar=1e-3, lr_vector=1e-4, lr_steps_factor=0.1)
+    model = quantize_model(tiny_model(torch.float32), cfg)
     groups = param_groups(model, model.quant_cfg)
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
-    vector = {id(p) for p in groups[1]["params"]}
-    assert id(model.layers[0].vec_uv.weight) in vector and id(model.layers[0].q.weight) not in vector
-    assert id(model.layers[0].hooks.vector.magnitude.step) in vector
+    lr = {id(p): g["lr"] for g in groups for p in g["params"]}
+    layer = model.layers[0]
+    assert lr[id(layer.q.weight)] == 1e-3 and lr[id(layer.vec_uv.weight)] == 1e-4
+    assert lr[id(layer.q.w_quant.step)] == pytest.approx(1e-4) and lr[id(layer.filter[2].act.offset)] == pytest.approx(1e-4)
+    assert lr[id(layer.hooks.vector.magnitude.step)] == pytest.approx(1e-5) and lr[id(layer.vec_uv.w_quant.step)] == pytest.approx(1e-5)
+    single = param_groups(model, QuantConfig(branch_separate=False, lr_scalar=1e-3))
+    assert sorted(g["lr"] for g in single) == pytest.approx([1e-5, 1e-3])
 
 
 def test_weight_bytes_int8_and_int4():

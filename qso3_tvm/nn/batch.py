@@ -18,6 +18,10 @@ class Batch(GraphArrays):
     def n_atoms(self) -> torch.Tensor:
         return torch.bincount(self.mol, minlength=self.n_mol)
 
+    def to(self, device: torch.device | str) -> "Batch":
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return Batch(**moved)
+
 
 def make_batch(mols: MoleculeSet, frames, species: tuple[int, ...], cutoff: float,
                dtype: torch.dtype = torch.float32) -> Batch:

@@ -191,10 +191,14 @@ class So3krates(nn.Module):
         """Interaction energy per molecule (eV), without the per-element shifts (see reference_energy)."""
         return segment_sum(self.atomic_energies(species, pos, src, dst), mol, n_mol)
 
+    def atom_shifts(self, species: torch.Tensor) -> torch.Tensor:
+        """The per-element energy shift of each atom (eV, float64)."""
+        shift = self.cfg.energy_shift or [0.0] * len(self.cfg.species)
+        return torch.tensor(shift, dtype=torch.float64, device=species.device)[species]
+
     def reference_energy(self, batch: Batch) -> torch.Tensor:
         """Sum of per-element shifts per molecule, in float64 (totals of ~1e4 eV lose meV in float32)."""
-        shift = torch.tensor(self.cfg.energy_shift or [0.0] * len(self.cfg.species), dtype=torch.float64)
-        shift = shift[batch.species]
+        shift = self.atom_shifts(batch.species).double()
         return segment_sum(shift, batch.mol, batch.n_mol)
 
 

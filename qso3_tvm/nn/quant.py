@@ -226,6 +226,7 @@ class QuantConfig:
     branch_separate: bool = True  # own quantizers and learning rates per branch
     lr_scalar: float = 3e-4
     lr_vector: float = 1e-4
+    lr_steps_factor: float = 0.01  # quantizer steps and offsets learn at this fraction of their branch's rate
     weight_only: bool = False  # w8: int8 weights, float activations (implies vector "none", attention and staging off)
     float_head: bool = False  # w8a8: the energy head's activations in float (its weights int8)
 
@@ -237,7 +238,7 @@ class QuantConfig:
             ("vector", self.vector in ("mddq", "naive", "none")), ("direction_grid", self.direction_grid in ("cube", "sphere")),
             ("direction_ste", self.direction_ste in ("geometric", "grid")),
             ("warmup_epochs", isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0),
-            ("lr_scalar", self.lr_scalar > 0), ("lr_vector", self.lr_vector > 0),
+            ("lr_scalar", self.lr_scalar > 0), ("lr_vector", self.lr_vector > 0), ("lr_steps_factor", self.lr_steps_factor > 0),
             ("weight_only", isinstance(self.weight_only, bool)), ("silu_offset", isinstance(self.silu_offset, bool)), ("float_head", isinstance(self.float_head, bool))) if not ok]
         if bad:
             raise QSO3Error("invalid quantization config: " + "; ".join(bad))
@@ -349,15 +350,18 @@ def set_stage(model: nn.Module, epoch: int, cfg: QuantConfig) -> str:
 
 
 def param_groups(model: nn.Module, cfg: QuantConfig) -> list[dict]:
-    """Vector-branch parameters (vector Linears, MDDQ steps) get lr_vector when branches are separate."""
-    if not cfg.branch_separate:
-        return [{"params": list(model.parameters()), "lr": cfg.lr_scalar}]
+    """Vector-branch parameters (vector Linears, MDDQ steps) get lr_vector when branches are separate;
+    quantizer steps and offsets get lr_steps_factor × their branch's rate (Adam moves every parameter by about
+    its learning rate per step: a weight step of 0.002 at lr 2e-4 would change 10 % per step)."""
+    rates = {"scalar": cfg.lr_scalar, "vector": cfg.lr_vector if cfg.branch_separate else cfg.lr_scalar}
     vector_prefixes = [n + "." for n, m, b in quantizers(model) if b == "vector"]
     vector_prefixes += [f"layers.{i}.{v}." for i in range(len(model.layers)) for v in VECTOR_LINEARS]
-    vec, sca = [], []
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
-        (vec if any(name.startswith(pre) for pre in vector_prefixes) else sca).append(p)
-    return [{"params": sca, "lr": cfg.lr_scalar}, {"params": vec, "lr": cfg.lr_vector}]
+        branch = "vector" if cfg.branch_separate and any(name.startswith(pre) for pre in vector_prefixes) else "scalar"
+        groups.setdefault((branch, name.endswith((".step", ".offset"))), []).append(p)
+    return [{"params": ps, "lr": rates[branch] * (cfg.lr_steps_factor if is_step else 1.0)}
+            for (branch, is_step), ps in groups.items()]
 
 
 def weight_bytes(model: So3krates) -> int:

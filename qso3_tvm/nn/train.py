@@ -45,6 +45,7 @@ class TrainConfig:
     threads: int = 0  # torch threads (0: torch default)
     rotate: bool = False  # random rotation of every training batch (QAT: quantized models are not exactly equivariant)
     lee_weight: float = 0.0  # weight of the LEE penalty mean ‖Rᵀ F(R x) − F(x)‖² in (meV/Å)²
+    device: str = "cpu"  # torch device of training ("cuda": a GPU; data is collated on the host, then moved)
     refit_shifts: bool = True  # QAT: refit the energy shifts after calibration and on the best model at the end
     teacher: str = ""  # QAT distillation: fp32 checkpoint (path or bundled name) whose outputs are targets too
     distill_weight: float = 0.0  # targets = (1 - w) labels + w teacher (energy, forces), plus w · per-atom energies
@@ -58,6 +59,8 @@ class TrainConfig:
             ("energy_weight", self.energy_weight >= 0), ("force_weight", self.force_weight >= 0)) if not ok]
         if bad:
             raise QSO3Error("invalid training config: " + "; ".join(bad))
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise QSO3Error(f"--device {self.device}: this torch build sees no CUDA GPU")
 
 
 def split_indices(cfg: TrainConfig, mols: MoleculeSet) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +100,7 @@ def rotate_batch(batch: Batch, rng: np.random.Generator | None = None, rot: torc
     """The batch rotated by `rot` (or a random rotation) about the origin; forces rotate with it."""
     if rot is None:
         rot = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=batch.pos.dtype)
+    rot = rot.to(batch.pos.device)
     return dataclasses.replace(batch, pos=batch.pos @ rot.T,
                                forces=None if batch.forces is None else batch.forces @ rot.T)
 
@@ -107,9 +111,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: So3krates, mols: MoleculeSet, param_groups=None, on_epoch=None):
         self.cfg, self.out, self.mols = cfg, Path(cfg.out), mols
         self.train_idx, self.val_idx = split_indices(cfg, mols)
-        self.model = model
+        self.device = torch.device(cfg.device)
+        self.model = model.to(self.device)
         self.on_epoch = on_epoch or (lambda model, epoch: None)  # e.g. the QAT stage switch
-        self.teacher = load_teacher(cfg.teacher, model) if cfg.distill_weight else None
+        self.teacher = load_teacher(cfg.teacher, model).to(self.device) if cfg.distill_weight else None
         self.on_epoch(self.model, 0)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(param_groups or self.model.parameters(), lr=cfg.lr, weight_decay=0.0, amsgrad=True)
@@ -123,7 +128,7 @@ class Trainer:
         return f + (1 - f) * 0.5 * (1 + math.cos(math.pi * t))
 
     def _batch(self, idx) -> Batch:
-        return make_batch(self.mols, idx, self.model.cfg.species, self.model.cfg.cutoff)
+        return make_batch(self.mols, idx, self.model.cfg.species, self.model.cfg.cutoff).to(self.device)
 
     def loss(self, model: So3krates, batch: Batch, create_graph: bool, rng: np.random.Generator | None = None):
         if rng is not None and self.cfg.rotate:
@@ -140,7 +145,7 @@ class Trainer:
         if distill:
             total = (1 - self.cfg.distill_weight) * total + self.cfg.distill_weight * self.distill_loss(model, batch, e, f, atoms)
         if rng is not None and self.cfg.lee_weight:
-            rot = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=f.dtype)
+            rot = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=f.dtype, device=f.device)
             _, f_rot = energy_and_forces(model, rotate_batch(batch, rot=rot), create_graph=create_graph)
             total = total + self.cfg.lee_weight * 1e6 * ((f_rot @ rot - f) ** 2).sum(-1).mean()  # (meV/Å)²
         return total, e - target_e, f - batch.forces
@@ -149,9 +154,8 @@ class Trainer:
         """Loss against the fp32 teacher on the same (rotated) batch: molecule energies, forces and per-atom
         energies (each model's per-element shifts included: the student's are refitted after calibration)."""
         e_t, f_t, atoms_t = energies_and_forces(self.teacher, batch)
-        shift = lambda m: torch.tensor(m.cfg.energy_shift or [0.0] * len(m.cfg.species))[batch.species]  # noqa: E731
         de = (e - e_t.detach() + (model.reference_energy(batch) - self.teacher.reference_energy(batch)).float()) / batch.n_atoms
-        da = atoms + shift(model) - atoms_t.detach() - shift(self.teacher)
+        da = atoms - atoms_t.detach() + (model.atom_shifts(batch.species) - self.teacher.atom_shifts(batch.species)).float()
         return (self.cfg.energy_weight * ((de ** 2).mean() + (da ** 2).mean())
                 + self.cfg.force_weight * ((f - f_t.detach()) ** 2).mean())
 
@@ -299,7 +303,7 @@ def refit_best(trainer: Trainer) -> dict:
         return {}
     model, meta = load_model(path), load_payload(path).get("meta", {})
     delta = refit_energy_shift(model, trainer.mols.subset(trainer.train_idx[:1000]))
-    trainer.ema = model
+    trainer.ema = model.to(trainer.device)
     val_e, val_f = trainer.validate()
     save_model(path, model, **{**meta, "val_energy_mae_mev": val_e, "val_force_mae_mev_per_a": val_f,
                                "energy_shift_refit_ev": delta})
