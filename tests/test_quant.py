@@ -197,6 +197,8 @@ def test_cli_quantize_and_evaluate(tmp_path, ethanol_train, ethanol_test):
     q = load_model(tmp_path / "q" / "best.pt")
     assert q.quant_cfg == QuantConfig(warmup_epochs=1)
     assert all(bool(m.initialized) for _, m, _ in quantizers(q) if isinstance(m, LSQ))
+    from qso3_tvm.nn.checkpoint import load_payload
+    assert load_payload(tmp_path / "q" / "best.pt")["meta"]["epoch"] == 2  # not a warm-up epoch (vectors in float)
     r = runner.invoke(app, ["evaluate", str(tmp_path / "q" / "best.pt"), "--data", str(ethanol_test),
                             "--lee-frames", "2", "--json"])
     assert r.exit_code == 0, r.output

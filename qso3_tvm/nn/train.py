@@ -108,7 +108,8 @@ def rotate_batch(batch: Batch, rng: np.random.Generator | None = None, rot: torc
 class Trainer:
     """Holds model, EMA copy, optimizer and schedule; `fit` runs epochs and checkpoints each one."""
 
-    def __init__(self, cfg: TrainConfig, model: So3krates, mols: MoleculeSet, param_groups=None, on_epoch=None):
+    def __init__(self, cfg: TrainConfig, model: So3krates, mols: MoleculeSet, param_groups=None, on_epoch=None,
+                 select_from: int = 1):
         self.cfg, self.out, self.mols = cfg, Path(cfg.out), mols
         self.train_idx, self.val_idx = split_indices(cfg, mols)
         self.device = torch.device(cfg.device)
@@ -120,6 +121,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(param_groups or self.model.parameters(), lr=cfg.lr, weight_decay=0.0, amsgrad=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.epoch, self.best = 0, math.inf
+        self.select_from = select_from  # first epoch that may become best.pt (QAT: the first with every quantizer on)
         self.val_batches = [self._batch(self.val_idx[i:i + 32]) for i in range(0, len(self.val_idx), 32)]
 
     def _lr_factor(self, epoch: int) -> float:
@@ -212,7 +214,7 @@ class Trainer:
             self.epoch += 1
             val_e, val_f = self.validate()
             score = val_f if self.mols.forces is not None else val_e  # energy-only data: select on energy
-            if score < self.best:
+            if score < self.best and self.epoch >= self.select_from:
                 self.best = score
                 save_model(self.out / "best.pt", self.ema, epoch=self.epoch, val_energy_mae_mev=val_e,
                            val_force_mae_mev_per_a=val_f, data=self.cfg.data)
@@ -283,7 +285,8 @@ def train_qat(cfg: TrainConfig, fp32_model: str, qcfg, resume: bool = True) -> d
     qcfg = model.quant_cfg
     torch.manual_seed(cfg.seed)
     staging = lambda m, epoch: set_stage(m, epoch if cfg.epochs else qcfg.warmup_epochs, qcfg)  # noqa: E731 (0 epochs: all on)
-    trainer = Trainer(cfg, model, mols, param_groups=param_groups(model, qcfg), on_epoch=staging)
+    first_full = qcfg.warmup_epochs + 1 if qcfg.staged and cfg.epochs > qcfg.warmup_epochs else 1
+    trainer = Trainer(cfg, model, mols, param_groups=param_groups(model, qcfg), on_epoch=staging, select_from=first_full)
     if state is not None:
         trainer.load_state(state)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
