@@ -105,6 +105,8 @@ def quantize(
     silu_offset: bool = typer.Option(True, help="LSQ+: SiLU outputs as unsigned codes with a learned offset "
                                      "(--no-silu-offset: signed symmetric codes)"),
     lr_steps_factor: float = typer.Option(0.01, help="quantizer steps learn at this fraction of their branch's rate"),
+    calibration: str = typer.Option("mse", help="activation steps at the start: mse (least squared error) or lsq "
+                                    "(LSQ's 2·E|x|/√qmax)"),
     attention_quant: bool = typer.Option(True, help="int8 q̂, k̂ in attention"),
     float_head: bool = typer.Option(False, help="keep the energy head's activations in float (weights int8)"),
     w_bits: Optional[int] = typer.Option(None, help="weight bits: 8 (W8A8) or 4 (W4A8, same as --precision w4a8)"),
@@ -138,6 +140,7 @@ def quantize(
     bits, weight_only = parse_precision(precision, w_bits)
     qcfg = QuantConfig(w_bits=bits, vector=vector, direction_grid=direction_grid, attention=attention_quant,
                        direction_ste=direction_ste, silu_offset=silu_offset, lr_steps_factor=lr_steps_factor,
+                       calibration=calibration,
                        staged=staged, warmup_epochs=warmup_epochs, branch_separate=branch_separate,
                        lr_scalar=lr_scalar, lr_vector=lr_vector, weight_only=weight_only, float_head=float_head)
     cfg = TrainConfig(data=data, out=str(out), epochs=epochs, batch_size=batch_size, lr=lr_scalar, n_train=n_train,

@@ -236,3 +236,19 @@ def test_distillation_loss_is_zero_on_the_teacher_and_sees_energy_offsets(tmp_pa
     with pytest.raises(QSO3Error, match="distill_weight"):
         TrainConfig(distill_weight=0.5)
 
+
+
+def test_mse_calibration_beats_lsq_heuristic_and_offsets_start_off_the_edge():
+    from qso3_tvm.errors import QSO3Error
+
+    x = torch.nn.functional.silu(torch.randn(4096, dtype=torch.float64) * 2)
+    errors = {}
+    for init in ("lsq", "mse"):
+        q = LSQ(8, signed=False, offset=True, init=init).double()
+        q.calibrate(x)
+        q.requires_grad_(False)
+        assert float(q.offset) < float(x.min()) < float(q.offset) + float(q.scale())  # inside code 0, not on its edge
+        errors[init] = float(((q.codes(x) * q.scale() + q.offset - x) ** 2).mean())
+    assert errors["mse"] < errors["lsq"]
+    with pytest.raises(QSO3Error, match="calibration"):
+        QuantConfig(calibration="max")

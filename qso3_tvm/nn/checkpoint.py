@@ -85,7 +85,7 @@ def build_model(config: dict, quant: dict | None = None) -> So3krates:
     if quant is not None:
         from .quant import QuantConfig, quantize_model
 
-        model = quantize_model(model, QuantConfig(**{"direction_ste": "grid", "silu_offset": False, **quant}))  # older: before both
+        model = quantize_model(model, QuantConfig(**{"direction_ste": "grid", "silu_offset": False, "calibration": "lsq", **quant}))  # older: before these
     return model
 
 

@@ -246,6 +246,7 @@ class QuantConfig:
     lr_scalar: float = 3e-4
     lr_vector: float = 1e-4
     lr_steps_factor: float = 0.01  # quantizer steps and offsets learn at this fraction of their branch's rate
+    calibration: str = "mse"  # activation steps at the start: "mse" (least squared error) or "lsq" (2·E|x|/√qmax)
     weight_only: bool = False  # w8: int8 weights, float activations (implies vector "none", attention and staging off)
     float_head: bool = False  # w8a8: the energy head's activations in float (its weights int8)
 
@@ -258,7 +259,8 @@ class QuantConfig:
             ("direction_ste", self.direction_ste in ("geometric", "grid")),
             ("warmup_epochs", isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0),
             ("lr_scalar", self.lr_scalar > 0), ("lr_vector", self.lr_vector > 0), ("lr_steps_factor", self.lr_steps_factor > 0),
-            ("weight_only", isinstance(self.weight_only, bool)), ("silu_offset", isinstance(self.silu_offset, bool)), ("float_head", isinstance(self.float_head, bool))) if not ok]
+            ("weight_only", isinstance(self.weight_only, bool)), ("silu_offset", isinstance(self.silu_offset, bool)),
+            ("calibration", self.calibration in ("mse", "lsq")), ("float_head", isinstance(self.float_head, bool))) if not ok]
         if bad:
             raise QSO3Error("invalid quantization config: " + "; ".join(bad))
 
@@ -293,7 +295,7 @@ VECTOR_LINEARS = ("vec_value", "vec_uv")
 
 def _act(cfg: QuantConfig, signed: bool = True, offset: bool = False) -> LSQ | None:
     """The input quantizer of a scalar-branch Linear; None (float input) in weight-only precisions."""
-    return None if cfg.weight_only else LSQ(cfg.a_bits, signed=signed and not offset, offset=offset)
+    return None if cfg.weight_only else LSQ(cfg.a_bits, signed=signed and not offset, offset=offset, init=cfg.calibration)
 
 
 def _quantize_mlp(seq: nn.Sequential, cfg: QuantConfig, first_signed: bool = True, float_inputs: bool = False) -> None:
