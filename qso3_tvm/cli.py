@@ -100,13 +100,13 @@ def quantize(
     branch_separate: bool = typer.Option(True, help="--no-branch-separate: one learning rate for all"),
     vector: str = typer.Option("mddq", help="vector features: mddq, naive (component-wise) or none"),
     direction_grid: str = typer.Option("cube", help="MDDQ direction codes: cube (max-scaled) or sphere (fixed 1/127)"),
-    direction_ste: str = typer.Option("geometric", help="MDDQ backward: geometric (tangent plane at the true "
-                                      "direction) or grid (straight through the grid codes)"),
-    silu_offset: bool = typer.Option(True, help="LSQ+: SiLU outputs as unsigned codes with a learned offset "
-                                     "(--no-silu-offset: signed symmetric codes)"),
-    lr_steps_factor: float = typer.Option(0.01, help="quantizer steps learn at this fraction of their branch's rate"),
-    calibration: str = typer.Option("mse", help="activation steps at the start: mse (least squared error) or lsq "
-                                    "(LSQ's 2·E|x|/√qmax)"),
+    direction_ste: str = typer.Option("grid", help="MDDQ backward: grid (straight through the grid codes) or "
+                                      "geometric (tangent plane at the true direction)"),
+    silu_offset: bool = typer.Option(False, help="LSQ+: SiLU outputs as unsigned codes with a learned offset "
+                                     "(default: signed symmetric codes)"),
+    lr_steps_factor: float = typer.Option(1.0, help="quantizer steps learn at this fraction of their branch's rate"),
+    calibration: str = typer.Option("lsq", help="activation steps at the start: lsq (LSQ's 2·E|x|/√qmax) or mse "
+                                    "(least squared error)"),
     attention_quant: bool = typer.Option(True, help="int8 q̂, k̂ in attention"),
     float_head: bool = typer.Option(False, help="keep the energy head's activations in float (weights int8)"),
     w_bits: Optional[int] = typer.Option(None, help="weight bits: 8 (W8A8) or 4 (W4A8, same as --precision w4a8)"),

@@ -102,7 +102,8 @@ def test_quantized_model_compiles_to_int8_gemms(tmp_path):
     """The int8 form matches the fake-quantized model in PyTorch, and the compiled module matches both."""
     from qso3_tvm.nn.int8 import Int8Linear, Int8WeightLinear, to_int8
 
-    model = quantize_model(tiny_model(torch.float32, seed=4, energy_shift=ENERGY_SHIFT_EV), QuantConfig())
+    cfg = QuantConfig(silu_offset=True, direction_ste="geometric")  # the options' kernels too
+    model = quantize_model(tiny_model(torch.float32, seed=4, energy_shift=ENERGY_SHIFT_EV), cfg)
     z, pos = random_molecule(12, seed=1)
     model_energy_forces(model, z, pos)  # calibrate
     int8 = to_int8(model)

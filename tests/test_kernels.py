@@ -323,7 +323,7 @@ def test_quantized_graph_runs_custom_operators():
     from qso3_tvm.nn.quant import QuantConfig, quantize_model
     from qso3_tvm.nn.testing import model_energy_forces, tiny_model
 
-    model = quantize_model(tiny_model(torch.float32, seed=4), QuantConfig())
+    model = quantize_model(tiny_model(torch.float32, seed=4), QuantConfig(direction_ste="geometric"))
     model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate
     names = {gv.name_hint for gv in import_to_relax(export_energy_forces(deployable(model))).functions}
     assert {"qso3_l2_attention_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1_geometric", "qso3_messages_16x2",

@@ -137,7 +137,7 @@ def test_staged_schedule_switches_at_warmup():
 
 
 def test_branch_param_groups_cover_all_parameters():
-    cfg = QuantConfig(lr_scalar=1e-3, lr_vector=1e-4, lr_steps_factor=0.1)
+    cfg = QuantConfig(lr_scalar=1e-3, lr_vector=1e-4, lr_steps_factor=0.1, silu_offset=True)
     model = quantize_model(tiny_model(torch.float32), cfg)
     groups = param_groups(model, model.quant_cfg)
     ids = [id(p) for g in groups for p in g["params"]]
@@ -147,7 +147,7 @@ def test_branch_param_groups_cover_all_parameters():
     assert lr[id(layer.q.weight)] == 1e-3 and lr[id(layer.vec_uv.weight)] == 1e-4
     assert lr[id(layer.q.w_quant.step)] == pytest.approx(1e-4) and lr[id(layer.filter[2].act.offset)] == pytest.approx(1e-4)
     assert lr[id(layer.hooks.vector.magnitude.step)] == pytest.approx(1e-5) and lr[id(layer.vec_uv.w_quant.step)] == pytest.approx(1e-5)
-    single = param_groups(model, QuantConfig(branch_separate=False, lr_scalar=1e-3))
+    single = param_groups(model, QuantConfig(branch_separate=False, lr_scalar=1e-3, lr_steps_factor=0.01))
     assert sorted(g["lr"] for g in single) == pytest.approx([1e-5, 1e-3])
 
 

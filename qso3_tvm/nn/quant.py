@@ -66,14 +66,13 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
 
 class LSQ(nn.Module):
     """Learned-step-size fake quantizer (Esser et al. 2020). `channels` > 1: one step per channel
-    along `channel_dim`; the step is initialized from the first tensor it sees (calibration): "mse", the step
-    of least squared error (activations; LSQ's own 2·E|x|/√qmax, "lsq", starts 2–5× too coarse here), or
-    "max", no clipping (weights).
+    along `channel_dim`; the step is initialized from the first tensor it sees (calibration): "lsq", LSQ's
+    2·E|x|/√qmax (activations), "mse", the step of least squared error, or "max", no clipping (weights).
     `offset=True` (LSQ+, Bhalgat et al. 2020; unsigned, per tensor): x̃ = clamp(floor((x - β)/s + 0.5), 0, qmax)·s + β
     with a learned offset β, for inputs bounded below but not at 0 (SiLU outputs ≥ -0.278)."""
 
     def __init__(self, bits: int = 8, signed: bool = True, channels: int = 1, channel_dim: int = -1,
-                 init: str = "mse", offset: bool = False):
+                 init: str = "lsq", offset: bool = False):
         super().__init__()
         if offset and (signed or channels != 1):
             raise ValueError("a learned offset needs an unsigned per-tensor quantizer")
@@ -188,9 +187,9 @@ class MDDQ(nn.Module):
     grid codes (the backward sees the grid's axes and, for "cube", which component is the largest).
     """
 
-    def __init__(self, channels: int, bits: int = 8, grid: str = "cube", ste: str = "geometric"):
+    def __init__(self, channels: int, bits: int = 8, grid: str = "cube", ste: str = "grid"):
         super().__init__()
-        self.magnitude = LSQ(bits, signed=False, channels=channels, init="lsq")  # MSE would clip the few long vectors
+        self.magnitude = LSQ(bits, signed=False, channels=channels)  # always "lsq": MSE would clip the few long vectors
         self.grid, self.ste = grid, ste
         self.enabled = True
 
@@ -237,16 +236,16 @@ class QuantConfig:
     a_bits: int = 8
     vector: str = "mddq"  # "mddq" | "naive" | "none"
     direction_grid: str = "cube"  # MDDQ direction codes: "cube" (max-scaled) or "sphere" (fixed 1/127 grid)
-    direction_ste: str = "geometric"  # MDDQ backward: "geometric" (tangent plane) or "grid" (checkpoints before it)
-    silu_offset: bool = True  # LSQ+: unsigned codes with a learned offset for SiLU outputs (False: signed, symmetric)
+    direction_ste: str = "grid"  # MDDQ backward: "grid" (straight through the codes) or "geometric" (tangent plane)
+    silu_offset: bool = False  # LSQ+: unsigned codes with a learned offset for SiLU outputs (False: signed, symmetric)
     attention: bool = True  # fixed-grid int8 q̂, k̂ (l2norm models); per-tensor LSQ on q, k (dot models)
     staged: bool = True  # scalars first, vectors after warmup_epochs
     warmup_epochs: int = 5
     branch_separate: bool = True  # own quantizers and learning rates per branch
     lr_scalar: float = 3e-4
     lr_vector: float = 1e-4
-    lr_steps_factor: float = 0.01  # quantizer steps and offsets learn at this fraction of their branch's rate
-    calibration: str = "mse"  # activation steps at the start: "mse" (least squared error) or "lsq" (2·E|x|/√qmax)
+    lr_steps_factor: float = 1.0  # quantizer steps and offsets learn at this fraction of their branch's rate
+    calibration: str = "lsq"  # activation steps at the start: "lsq" (2·E|x|/√qmax) or "mse" (least squared error)
     weight_only: bool = False  # w8: int8 weights, float activations (implies vector "none", attention and staging off)
     float_head: bool = False  # w8a8: the energy head's activations in float (its weights int8)
 
@@ -373,7 +372,8 @@ def set_stage(model: nn.Module, epoch: int, cfg: QuantConfig) -> str:
 def param_groups(model: nn.Module, cfg: QuantConfig) -> list[dict]:
     """Vector-branch parameters (vector Linears, MDDQ steps) get lr_vector when branches are separate;
     quantizer steps and offsets get lr_steps_factor × their branch's rate (Adam moves every parameter by about
-    its learning rate per step: a weight step of 0.002 at lr 2e-4 would change 10 % per step)."""
+    its learning rate per step: a weight step of 0.002 at lr 2e-4 can change 10 % per step; a factor below 1
+    steadies training, but in reports/quantization.md it did not give a better model)."""
     rates = {"scalar": cfg.lr_scalar, "vector": cfg.lr_vector if cfg.branch_separate else cfg.lr_scalar}
     vector_prefixes = [n + "." for n, m, b in quantizers(model) if b == "vector"]
     vector_prefixes += [f"layers.{i}.{v}." for i in range(len(model.layers)) for v in VECTOR_LINEARS]
