@@ -198,8 +198,7 @@ class So3krates(nn.Module):
 
     def reference_energy(self, batch: Batch) -> torch.Tensor:
         """Sum of per-element shifts per molecule, in float64 (totals of ~1e4 eV lose meV in float32)."""
-        shift = self.atom_shifts(batch.species).double()
-        return segment_sum(shift, batch.mol, batch.n_mol)
+        return segment_sum(self.atom_shifts(batch.species), batch.mol, batch.n_mol)
 
 
 def energy_and_forces(model: So3krates, batch: Batch, create_graph: bool = False):

@@ -19,7 +19,7 @@ moves small vectors by up to √3·s/2, any angle.
 Which tensors are quantized (QuantConfig defaults):
   int8 (int4 with w_bits=4): the weights of every nn.Linear (per output channel, learned step).
   int8 activations: the input of every scalar-branch Linear (per tensor, learned step; the radial
-    basis input is unsigned; SiLU outputs are unsigned with a learned offset, LSQ+), the vector features after each residual update (MDDQ), q̂ and k̂.
+    basis input is unsigned; with silu_offset, SiLU outputs are unsigned with a learned offset, LSQ+), the vector features after each residual update (MDDQ), q̂ and k̂.
   higher precision, and why: biases (added in the int32 accumulator domain, scale s_x·s_w, simulated
     in float); the species embedding (a 5×64 lookup table, no arithmetic); edge geometry (distances,
     unit vectors, radial basis, cutoff: the inputs whose precision decides force accuracy); softmax

@@ -88,4 +88,3 @@ def backward_func(channels: int, qmax: int, cube: bool, geometric: bool):
                          name="mddq_bwd")
         return [G, V, S, out]
     return _prim_func("qso3_mddq_backward", channels, build)
-
