@@ -114,11 +114,20 @@ def test_quantized_model_compiles_to_int8_gemms(tmp_path):
     e1, f1 = model_energy_forces(int8, *random_molecule(15, seed=9))
     assert abs(e0 - e1) < 1e-5 and np.abs(f0 - f1).max() < 1e-5 * max(1.0, np.abs(f0).max())
     save_model(tmp_path / "q.pt", model)
-    info = qcompile.compile_model(str(tmp_path / "q.pt"), "x86-64", tmp_path / "art", log=lambda *_: None)
+    vnni = resolve_target("x86-avx512").local  # its int8 backward products (qso3_int8_grad_product) run here
+    info = qcompile.compile_model(str(tmp_path / "q.pt"), "x86-avx512" if vnni else "x86-64", tmp_path / "art", log=lambda *_: None)
     assert info["model"]["precision"] == "w8a8-mddq"
     assert info["parity"]["max_force_error_mev_per_a"] <= info["parity"]["tolerance_mev"][1]
     kernels = info["quantization"]["kernels"]
     assert "int8 x int8 -> int32" in kernels["scalar_linears"] and "qso3_mddq" in kernels["mddq"]
+    assert ("qso3_int8_grad_product" in kernels["forces"]) == vnni
+    if vnni:  # forces within the int8 backward's rounding of the int8 model's float-backward forces
+        from qso3_tvm.nn.metrics import predict
+
+        mols = MoleculeSet.from_molecules([random_molecule(15, seed=9)])
+        e2, f2 = predict(to_int8(model, backward="float"), mols)
+        e3, f3 = CompiledModel(tmp_path / "art").predict(mols)
+        assert np.abs(e3 - e2).max() < 1e-4 and np.abs(f3 - f2).max() < 1e-3 * max(1.0, np.abs(f2).max())
     # the energy-only entry point of a quantized build (custom operators shared with main) gives main's energies
     mols = MoleculeSet.from_molecules([random_molecule(7, seed=s) for s in (3, 4)])
     compiled = CompiledModel(tmp_path / "art")

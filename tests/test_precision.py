@@ -194,3 +194,17 @@ def test_float_head_compiles_and_follows_float_head_semantics(tmp_path):
     gap = np.abs(e_head - e_int8).max()
     assert gap > 1e-4 and np.abs(e_tvm - e_head).max() < 0.1 * gap
     assert np.abs(f_tvm - f_head).max() < 1e-3 * max(1.0, np.abs(f_head).max())
+
+
+def test_int8_backward_products_stay_close_to_float():
+    """to_int8's default backward (gradient rows as two int8 code vectors) against the float backward of
+    the same int8 model; the custom-operator form gives the same numbers as the plain torch form."""
+    z, pos = random_molecule(9, seed=5)
+    model = calibrated(QuantConfig(), dtype=torch.float32)
+    e_f, f_f = model_energy_forces(to_int8(model, backward="float"), z, pos)
+    e_i, f_i = model_energy_forces(to_int8(model, custom_ops=False), z, pos)
+    e_o, f_o = model_energy_forces(to_int8(model), z, pos)  # qso3::int8_grad_product (and the other custom ops)
+    assert e_f == e_i and np.abs(f_i - f_f).max() < 1e-3 * np.abs(f_f).max()
+    np.testing.assert_allclose(f_o, f_i, rtol=0, atol=1e-4 * np.abs(f_i).max())  # float summation order only
+    with pytest.raises(ValueError, match="backward"):
+        to_int8(model, backward="int4")

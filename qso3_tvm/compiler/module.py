@@ -20,6 +20,7 @@ from ..graph.convention import ENTRY_POINTS, Bucket, bucket_function
 from ..nn.int8 import to_int8
 from ..nn.ops.messages import fuse_messages
 from .export import export_energy_forces
+from .kernels.int8_matmul import dot_kernel
 from .kernels.pipeline import apply_kernels
 from .relax_import import import_to_relax
 from .targets import TargetSpec
@@ -31,8 +32,16 @@ def deployable(model, spec: TargetSpec | None = None):
     targets every model's messages and neighbor sums as our fused TIR operator (nn.ops.messages)."""
     cpu = spec is None or spec.device == "cpu"
     if getattr(model, "quant_cfg", None) is not None:
-        return to_int8(model, custom_ops=cpu)
+        return to_int8(model, custom_ops=cpu, backward=int8_backward(spec))
     return fuse_messages(copy.deepcopy(model)) if cpu else model
+
+
+def int8_backward(spec: TargetSpec | None) -> str:
+    """How a quantized model's scalar-branch Linears compute input gradients on this target (nn.int8):
+    int8 products on CPUs with an int8 dot-product instruction (kernels.int8_matmul), else float."""
+    if spec is None:
+        return "int8"
+    return "int8" if spec.device == "cpu" and dot_kernel(spec.tvm_target()) is not None else "float"
 
 
 def relax_module(model, spec: TargetSpec | None = None, bucket: Bucket | None = None, target=None, specialize=()):
@@ -40,9 +49,10 @@ def relax_module(model, spec: TargetSpec | None = None, bucket: Bucket | None = 
     kernels for the target (`spec`'s TVM target, or `target` when given, e.g. tuning's with num-cores);
     `specialize`: buckets that get static copies of the entry points (graph.convention.bucket_function)."""
     cpu = spec is None or spec.device == "cpu"
-    mod = add_energy_entry(import_to_relax(export_energy_forces(deployable(model, spec), bucket=bucket), cpu_kernels=cpu))
-    mod = add_bucket_entries(mod, [Bucket.parse(b) for b in specialize])
     target = target if target is not None else (spec.tvm_target() if spec is not None else None)
+    ep = export_energy_forces(deployable(model, spec), bucket=bucket)
+    mod = add_energy_entry(import_to_relax(ep, cpu_kernels=cpu, target=target))
+    mod = add_bucket_entries(mod, [Bucket.parse(b) for b in specialize])
     if target is not None:
         mod, _ = apply_kernels(mod, target)
     return mod

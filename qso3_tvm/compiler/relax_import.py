@@ -122,6 +122,27 @@ def _int_mm(node, imp):
     return imp.block_builder.emit(relax.op.matmul(a, b, out_dtype="int32"))
 
 
+def _int8_grad_product(node, imp, constants: dict, kern=None):
+    """qso3.int8_grad_product -> call_tir of its TIR kernel, tensorized with `kern` (the target's int8 dot
+    instruction, kernels.int8_matmul.dot_kernel) when given. The weight codes must be a constant of the
+    exported program (`constants`: placeholder name -> tensor); the importer binds them only afterwards."""
+    from .kernels.int8_matmul import emit_grad_product
+
+    w = constants.get(node.args[1].name)
+    if w is None:
+        raise QSO3Error("qso3.int8_grad_product needs constant weight codes (export with the weights as constants)")
+    return emit_grad_product(imp.block_builder, imp.env[node.args[0]], imp.env[node.args[2]], w.numpy(), kern)
+
+
+def _exported_constants(ep: torch.export.ExportedProgram) -> dict:
+    """Placeholder name -> tensor of the program's buffers and constants."""
+    from torch.export.graph_signature import InputKind
+
+    tensors = {**ep.state_dict, **ep.constants}
+    return {spec.arg.name: tensors[spec.target].detach() for spec in ep.graph_signature.input_specs
+            if spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR) and spec.target in tensors}
+
+
 def _mddq_call(node, imp, make_func, n_tensors: int):
     """qso3.mddq / qso3.mddq_backward -> call_tir of the TIR kernel (compiler.kernels.mddq)."""
     bb = imp.block_builder
@@ -208,9 +229,12 @@ def _check_layer_norm_outputs(ep: torch.export.ExportedProgram) -> None:
                                 "silently gets wrong: remove LayerNorm from the force path")
 
 
-def import_to_relax(ep: torch.export.ExportedProgram, cpu_kernels: bool = True):
+def import_to_relax(ep: torch.export.ExportedProgram, cpu_kernels: bool = True, target=None):
     """IRModule with a `main` taking the graph inputs and returning (energy, forces); `cpu_kernels`:
-    row scatters as our CPU kernel (kernels.scatter) instead of generic scatter_elements."""
+    row scatters as our CPU kernel (kernels.scatter) instead of generic scatter_elements; `target`: the
+    int8 backward products tensorized with its dot-product instruction (else a generic kernel)."""
+    from .kernels.int8_matmul import dot_kernel
+
     table = core_aten_decompositions()
     for op in KEEP_UNDECOMPOSED:
         table.pop(op, None)
@@ -221,4 +245,6 @@ def import_to_relax(ep: torch.export.ExportedProgram, cpu_kernels: bool = True):
         for name, convert in CONVERTERS.items():
             if convert in (_index_add, _index_put):
                 converters[name] = functools.partial(convert, cpu_kernels=True)
+    converters["int8_grad_product.default"] = functools.partial(
+        _int8_grad_product, constants=_exported_constants(ep), kern=dot_kernel(target) if target is not None else None)
     return from_exported_program(ep, custom_convert_map=converters, run_ep_decomposition=False)

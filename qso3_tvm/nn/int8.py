@@ -7,10 +7,14 @@
 - vector-branch Linears (inputs are MDDQ-decoded vectors) become Int8WeightLinear: int8 weight codes
   stored, dequantized by their per-channel step.
 
-Forces (the backward) run in float with straight-through semantics: dL/dx = (g · W_q) masked where
-x / s_x was clipped, W_q = codes · s_w. That is exactly the gradient of the fake-quantized QAT model,
-so the compiled forces match the model that was trained; integer backward kernels would change the
-numerics without a speed case on CPU (the backward is dominated by per-edge elementwise work).
+Forces (the backward) have straight-through semantics: dL/dx = (g · W_q^T) masked where x / s_x was
+clipped, W_q = codes · s_w. `backward="float"` computes g · W_q^T in float: exactly the gradient of the
+fake-quantized QAT model. `backward="int8"` (the default) makes it an int8 product too: each row of
+g ⊙ s_w is quantized to int8 codes with its own step (max |row| / 127) and multiplied with the weight
+codes, int8 × int8 → int32. On CPU the float product of the radial filter's backward was the largest
+kernel of an energy+forces call (reports/bench.md). The gradients of these scalar-branch Linears are
+rotation invariant, so their quantization keeps forces equivariant; the force error it adds is measured
+in reports/quantization.md.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ class _Int8Matmul(torch.autograd.Function):
     float: every term is an integer below 2^24, so exact; derived from the codes, not stored)."""
 
     @staticmethod
-    def forward(ctx, x, w_codes_t, s_x, s_w, qmin: int, qmax: int, zp: int):
+    def forward(ctx, x, w_codes_t, s_x, s_w, qmin: int, qmax: int, zp: int, backward: str):
         u = x / s_x
         ctx.save_for_backward(u, w_codes_t, s_w)
-        ctx.bounds = (qmin, qmax)
+        ctx.bounds, ctx.backward = (qmin, qmax), backward
         q = (torch.clamp(torch.floor(u + 0.5), qmin, qmax) - zp).to(torch.int8)
         acc = torch._int_mm(q.reshape(-1, q.shape[-1]), w_codes_t).to(x.dtype)  # int8 x int8 -> int32, exact
         if zp:
@@ -43,14 +47,39 @@ class _Int8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         u, w_codes_t, s_w = ctx.saved_tensors
-        w_q = w_codes_t.to(grad.dtype) * s_w  # (in, out): the fake-quantized weights
         qmin, qmax = ctx.bounds
         inside = ((u >= qmin) & (u <= qmax)).to(grad.dtype)
-        return (grad @ w_q.T) * inside, None, None, None, None, None, None
+        if ctx.backward == "int8-op":  # the same numbers as one custom operator (one kernel when compiled)
+            from .ops.int8_grad import int8_grad_product_op
+
+            rows = grad.reshape(-1, grad.shape[-1])
+            g_x = int8_grad_product_op(rows, w_codes_t, s_w).reshape(*grad.shape[:-1], -1)
+        elif ctx.backward == "int8":
+            g_x = int8_grad_product(grad, w_codes_t, s_w)
+        else:
+            g_x = grad @ (w_codes_t.to(grad.dtype) * s_w).T  # W_q (in, out): the fake-quantized weights
+        return g_x * inside, None, None, None, None, None, None, None
+
+
+def int8_grad_product(grad, w_codes_t, s_w):
+    """grad · W_q^T as int8 products: each row of grad ⊙ s_w is split into two int8 code vectors,
+    g ≈ s (q_hi + q_lo / 254) with s = max |row| / 127 (all-zero rows stay zero), and each is multiplied
+    with the weight codes (int32 accumulation, exact). Relative error per element ≤ 1 / (2·127·254)
+    of the row's largest: one int8 level (1/254) measurably coarsened forces and their equivariance."""
+    g = (grad * s_w).reshape(-1, grad.shape[-1])
+    amax = g.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    u = g * (amax.reciprocal() * 127)
+    step = amax / 127
+    hi = torch.clamp(torch.floor(u + 0.5), -127, 127)
+    lo = torch.clamp(torch.floor((u - hi) * 254 + 0.5), -127, 127)
+    w = w_codes_t.T  # (out, in)
+    acc_hi = torch._int_mm(hi.to(torch.int8), w).to(grad.dtype)  # (rows, out) x (out, in) -> int32
+    acc_lo = torch._int_mm(lo.to(torch.int8), w).to(grad.dtype)
+    return ((acc_hi + acc_lo / 254) * step).reshape(*grad.shape[:-1], -1)
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, layer: QuantLinear):
+    def __init__(self, layer: QuantLinear, backward: str = "int8"):
         super().__init__()
         act, wq = layer.act, layer.w_quant
         assert isinstance(act, LSQ) and act.bits == 8, "the int8 GEMM needs 8-bit activation codes"
@@ -65,11 +94,13 @@ class Int8Linear(nn.Module):
             self.register_buffer("bias", bias)
             self.register_buffer("offset", None if act.offset is None else act.offset.detach().clone())
         self.qmin, self.qmax, self.zp = act.qmin, act.qmax, 0 if act.signed else 128
+        self.backward = backward  # "int8", "int8-op" (as a custom operator) or "float"
 
     def forward(self, x):
         if self.offset is not None:
             x = x - self.offset
-        y = _Int8Matmul.apply(x, self.w_codes_t, self.s_x, self.s_w, self.qmin, self.qmax, self.zp)
+        y = _Int8Matmul.apply(x, self.w_codes_t, self.s_x, self.s_w, self.qmin, self.qmax, self.zp,
+                              self.backward)
         return y + self.bias
 
 
@@ -88,22 +119,27 @@ class Int8WeightLinear(nn.Module):
         return nn.functional.linear(x, self.w_codes.to(x.dtype) * self.s_w, self.bias)
 
 
-def _convert(module: nn.Module, name: str, child: QuantLinear) -> None:
+BACKWARDS = ("int8", "float")
+
+
+def _convert(module: nn.Module, name: str, child: QuantLinear, backward: str) -> None:
     if isinstance(child.act, LSQ) and child.act.bits == 8:
-        setattr(module, name, Int8Linear(child))
+        setattr(module, name, Int8Linear(child, backward=backward))
     elif isinstance(child.act, nn.Identity):
         setattr(module, name, Int8WeightLinear(child))
 
 
-def to_int8(model: nn.Module, custom_ops: bool = True) -> nn.Module:
+def to_int8(model: nn.Module, custom_ops: bool = True, backward: str = "int8") -> nn.Module:
     """A copy of a fake-quantized model with int8 weights and int8 GEMMs, and MDDQ, the robust
     attention and the messages as custom operators (compiler.kernels; same outputs up to float summation order).
     `custom_ops=False` keeps MDDQ, attention and messages as generic operators (targets with no TIR kernels
-    for them: GPUs)."""
+    for them: GPUs). `backward`: how the scalar-branch Linears' input gradients are computed (module docstring)."""
     from .ops.attention import L2AttentionKernel
     from .ops.mddq import MDDQKernel
     from .ops.messages import fuse_messages
 
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, not {backward!r}")
     out = copy.deepcopy(model).eval()
     if custom_ops:
         fuse_messages(out)
@@ -113,10 +149,15 @@ def to_int8(model: nn.Module, custom_ops: bool = True) -> nn.Module:
     for module in list(out.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, QuantLinear):
-                _convert(module, name, child)
+                _convert(module, name, child, _backward_form(child, backward, custom_ops))
             elif isinstance(child, MDDQ) and child.enabled and custom_ops:
                 setattr(module, name, MDDQKernel(child))
     return out
+
+
+def _backward_form(layer: QuantLinear, backward: str, custom_ops: bool) -> str:
+    """int8 backward products as the custom operator where its kernel applies (outputs a multiple of 4)."""
+    return "int8-op" if custom_ops and backward == "int8" and layer.out_features % 4 == 0 else backward
 
 
 def _fixed_grid(hooks) -> bool:

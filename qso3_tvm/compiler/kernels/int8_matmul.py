@@ -1,8 +1,9 @@
 """int8 x int8 -> int32 matrix products with constant (weight) right-hand sides, per target.
 
 The exported graph carries `R.matmul(a_int8 (M, K), w_int8 (K, N), out_dtype="int32")` (from
-torch._int_mm in nn.int8). `rewrite_int8_matmuls` replaces each one whose weights are a
-constant by a call to a tensorized TIR kernel, packing the weights at compile time:
+torch._int_mm in nn.int8: the forward products, and the int8 backward's with W^T). `rewrite_int8_matmuls`
+replaces each one whose weights are a constant (or a constant's transpose) by a call to a tensorized TIR
+kernel, packing the weights at compile time (N padded with zero columns to the instruction's block):
 
   x86 + AVX-512 VNNI  vpdpbusd, u8 x s8: weights packed [N/16, K/4, 16, 4]; the activation codes
                       are shifted into u8 (a + 128) and 128·Σ_k w[k, n] is subtracted (exact)
@@ -84,8 +85,15 @@ def matmul_func(k: int, n: int, kern: DotKernel):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def supported(k: int, n: int, kern: DotKernel) -> bool:
-    return k % 4 == 0 and n % kern.block_n == 0
+def supported(k: int, kern: DotKernel) -> bool:
+    return k % 4 == 0
+
+
+def padded_columns(w: np.ndarray, block_n: int) -> np.ndarray:
+    """w (K, N) with zero columns up to a multiple of the instruction's block (e.g. N = 20 radial
+    basis functions in the radial filter's backward); the extra outputs are sliced off."""
+    k, n = w.shape
+    return np.concatenate([w, np.zeros((k, -n % block_n), w.dtype)], axis=1)
 
 
 def rewrite_int8_matmuls(mod, target):
@@ -105,17 +113,19 @@ def rewrite_int8_matmuls(mod, target):
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not _is_int8_weight_matmul(call):
+            w = _constant_int8_weight(call, self.lookup_binding)
+            if w is None:
                 return call
-            w = call.args[1].value.numpy()
-            k, n = w.shape
-            if not supported(k, n, kern):
+            if not supported(w.shape[0], kern):
                 return call
             self.count += 1
-            return self.emit_kernel(call.args[0], w, k, n)
+            return self.emit_kernel(call.args[0], w)
 
-        def emit_kernel(self, a, w, k, n):
+        def emit_kernel(self, a, w):
             bb = self.builder_
+            n_out = w.shape[1]
+            w = padded_columns(w, kern.block_n)
+            k, n = w.shape
             if (k, n) not in self.funcs:
                 name = f"qso3_int8_matmul_{k}x{n}"
                 self.funcs[(k, n)] = bb.add_func(matmul_func(k, n, kern).with_attr("global_symbol", name), name)
@@ -126,6 +136,8 @@ def rewrite_int8_matmuls(mod, target):
             if kern.a_dtype == "uint8":
                 colsum = (128 * w.astype(np.int32).sum(0)).astype(np.int32)
                 out = relax.op.subtract(out, relax.const(colsum))
+            if n != n_out:
+                out = relax.op.strided_slice(out, axes=[1], begin=[0], end=[n_out])
             return out
 
     rw = Rewriter(mod)
@@ -135,9 +147,145 @@ def rewrite_int8_matmuls(mod, target):
     return rw.builder_.get(), rw.count, kern.name
 
 
-def _is_int8_weight_matmul(call) -> bool:
+def _constant_int8_weight(call, lookup_binding) -> np.ndarray | None:
+    """The (K, N) int8 weights of `R.matmul(a, w, out_dtype="int32")` when w is a constant, or the
+    transpose of one (the int8 backward products of nn.int8 multiply with W^T); else None."""
     import tvm
 
-    return (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"
-            and isinstance(call.args[1], tvm.ir.Constant) and str(call.args[1].value.dtype) == "int8"
-            and len(call.args[1].value.shape) == 2 and str(call.attrs.out_dtype) == "int32")
+    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul" and str(call.attrs.out_dtype) == "int32"):
+        return None
+    w, transposed = call.args[1], False
+    if isinstance(w, tvm.relax.Var):
+        bound = lookup_binding(w)
+        if not (isinstance(bound, tvm.relax.Call) and isinstance(bound.op, tvm.ir.Op)
+                and bound.op.name == "relax.permute_dims" and _is_transpose(bound)):
+            return None
+        w, transposed = bound.args[0], True
+    if not (isinstance(w, tvm.ir.Constant) and str(w.value.dtype) == "int8" and len(w.value.shape) == 2):
+        return None
+    w = w.value.numpy()
+    return np.ascontiguousarray(w.T) if transposed else w
+
+
+def _is_transpose(permute) -> bool:
+    axes = permute.attrs.axes
+    return axes is None or [int(a) for a in axes] == [1, 0]
+
+
+def grad_product_func(n: int, k: int, kern: DotKernel | None):
+    """One kernel for nn.int8.int8_grad_product: O (M, k') float32 (k' = k padded, below) from G (M, n) float32 (the gradient of a
+    Linear's n outputs), its per-output steps s_w (n,) and its weight codes, M symbolic. Per row: the step
+    max |G ⊙ s_w| / 127, two int8 code vectors (hi, lo), both products with the weight codes in int32 and
+    O = (acc_hi + acc_lo / 254) · step. The codes and accumulators are one row long (computed under the row
+    loop). With a dot-product kernel the products are tensorized as in matmul_func: the weights come as
+    W^T (n, k) packed [k'/bn, n/4, bn, 4] (k' = k padded to the block), and u8 codes (+128) are corrected
+    by `corr` = 128·Σ_j W^T[j, :]. Without one (kern None): the same packing with 16 columns, signed codes,
+corr = 0, int32 vector multiply-adds."""
+    from tvm import s_tir
+    from tvm.script import tirx as T
+
+    from .schedule import _vectorize_innermost
+
+    bn = kern.block_n if kern else GENERIC_BLOCK
+    a_dtype = kern.a_dtype if kern else "int8"
+    zp = 128 if a_dtype == "uint8" else 0
+    kp = k + (-k % bn)
+
+    @T.prim_func(s_tir=True)
+    def gp(g_h: T.handle, s_w: T.Buffer((n,), "float32"), w: T.Buffer((kp // bn, n // 4, bn, 4), "int8"),
+           corr: T.Buffer((kp,), "int32"), o_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        G = T.match_buffer(g_h, (m, n), "float32")
+        O = T.match_buffer(o_h, (m, kp), "float32")
+        for i in range(m):
+            with T.sblock("row"):  # one row's step, codes and accumulators live in the row's own buffers
+                r = T.axis.spatial(m, i)
+                amax = T.sblock_alloc_buffer((1,), "float32")
+                inv = T.sblock_alloc_buffer((1,), "float32")
+                A = T.sblock_alloc_buffer((2, n), a_dtype)
+                C = T.sblock_alloc_buffer((2, kp), "int32")
+                for j in range(n):
+                    with T.sblock("amax"):
+                        vj = T.axis.reduce(n, j)
+                        with T.init():
+                            amax[0] = T.min_value("float32")
+                        amax[0] = T.max(amax[0], T.fabs(G[r, vj] * s_w[vj]))
+                for z in range(1):
+                    with T.sblock("inverse"):
+                        vz = T.axis.spatial(1, z)
+                        inv[vz] = T.float32(1) / T.max(amax[vz], T.float32(1e-30)) * T.float32(127)
+                for c, j in T.grid(2, n):
+                    with T.sblock("codes"):
+                        vc, vj = T.axis.remap("SS", [c, j])
+                        A[vc, vj] = T.cast(T.cast(_code(T, G[r, vj] * s_w[vj] * inv[0], vc),
+                                                  "int32") + zp, a_dtype)
+                for c, kk, j in T.grid(2, kp, n):
+                    with T.sblock("C"):
+                        vc, vk, vj = T.axis.remap("SSR", [c, kk, j])
+                        with T.init():
+                            C[vc, vk] = 0
+                        C[vc, vk] = C[vc, vk] + T.cast(A[vc, vj], "int32") * T.cast(w[vk // bn, vj // 4, vk % bn, vj % 4], "int32")
+                for kk in range(kp):
+                    with T.sblock("out"):
+                        vk = T.axis.spatial(kp, kk)
+                        O[r, vk] = ((T.cast(C[0, vk] - corr[vk], "float32") + T.cast(C[1, vk] - corr[vk], "float32") / T.float32(254))
+                                    * (T.max(amax[0], T.float32(1e-30)) / T.float32(127)))
+
+    sch = s_tir.Schedule(gp)
+    if n % 16 == 0:  # the row maximum in 16 lanes, then across them
+        jo, ji = sch.split(sch.get_loops(sch.get_sblock("amax"))[-1], [None, 16])
+        sch.vectorize(sch.get_loops(sch.rfactor(ji, 0))[-1])
+    codes = sch.get_sblock("codes")
+    sch.unroll(sch.get_loops(codes)[-2])
+    _vectorize_innermost(sch, sch.get_loops(codes)[-1])
+    _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("out"))[-1])
+    block = sch.get_sblock("C")
+    c, kk, j = sch.get_loops(block)[-3:]
+    ko, ki = sch.split(kk, [None, bn])
+    jo, ji = sch.split(j, [None, 4])
+    if kern:
+        sch.reorder(ko, jo, c, ki, ji)  # each weight block serves both code vectors
+    else:  # int32 multiply-adds, 16 output columns per vector (vectorized before the reduction is split)
+        sch.reorder(ko, jo, c, ji, ki)
+        sch.vectorize(ki)
+    init = sch.decompose_reduction(block, jo)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if kern:
+        sch.tensorize(ki, kern.intrin)
+    name = f"qso3_int8_grad_product_{n}x{k}" + (f"_{kern.name}" if kern else "")
+    return sch.mod["main"].with_attrs({"global_symbol": name, "tirx.is_scheduled": True, "op_pattern": 8})
+
+
+def _code(T, u, part):
+    """Code `part` (0: hi, 1: lo) of u = g / step (PrimExprs, built while the kernel is parsed). No clip:
+    |u| ≤ 127 gives hi = floor(u + 0.5) in [-127, 127] and u - hi in [-0.5, 0.5), so lo in [-127, 127]."""
+    hi = T.floor(u + T.float32(0.5))
+    return T.if_then_else(part == 0, hi, T.floor((u - hi) * T.float32(254) + T.float32(0.5)))
+
+
+def emit_grad_product(bb, g, s_w, w_codes_t: np.ndarray, kern: DotKernel | None):
+    """Emit the call of grad_product_func for gradient rows g (M, n), steps s_w (n,) and weight codes
+    w_codes_t (k, n): (M, k) float32."""
+    from tvm import relax
+
+    k, n = w_codes_t.shape
+    func = grad_product_func(n, k, kern)
+    packed, corr = grad_product_weights(w_codes_t, kern)
+    gv = bb.add_func(func, func.attrs["global_symbol"])
+    out = bb.emit(relax.call_tir(gv, [g, s_w, relax.const(packed), relax.const(corr)],
+                                 relax.TensorType([g.ty.shape[0], corr.shape[0]], "float32")))
+    if corr.shape[0] != k:
+        out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[k]))
+    return out
+
+
+GENERIC_BLOCK = 16  # output columns per vector in grad_product_func without a dot-product instruction
+
+
+def grad_product_weights(w_codes_t: np.ndarray, kern: DotKernel | None) -> tuple[np.ndarray, np.ndarray]:
+    """The packed W^T and the u8 correction of grad_product_func from w_codes_t (k, n) int8."""
+    bn = kern.block_n if kern else GENERIC_BLOCK
+    wt = padded_columns(np.ascontiguousarray(w_codes_t.T), bn)  # (n, k')
+    corr = 128 * wt.astype(np.int32).sum(0) if kern and kern.a_dtype == "uint8" else np.zeros(wt.shape[1], np.int32)
+    return pack_weights(wt, bn), corr.astype(np.int32)

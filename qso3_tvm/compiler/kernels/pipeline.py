@@ -36,7 +36,10 @@ def kernel_summary(target) -> dict:
         "messages": "custom TIR operators qso3_messages / qso3_messages_backward (gather, messages and neighbor "
                     "sums in one pass over the edges, heads on the thread pool from 2048 edges)"
                     if cpu else "generic operators",
-        "forces": "float backward with straight-through semantics (equals the QAT model's autograd forces)",
+        "forces": "straight-through backward; the scalar-branch Linears' input gradients as int8 products (gradient "
+                  f"rows as two int8 code vectors, nn.int8.int8_grad_product: qso3_int8_grad_product, {kern.name}), "
+                  "the rest in float" if kern and cpu else
+                  "float backward with straight-through semantics (equals the QAT model's autograd forces)",
         "schedules": "default CPU rule (kernels.schedule) for unscheduled fused kernels"
                      if cpu else "dlight GPU rules (kernels.gpu)",
         **({"device_code": f"fatbin for {target.arch} + PTX, compiled at export with nvcc (no compiler on the board)"}
