@@ -147,8 +147,8 @@ def test_board_killed_mid_run_gives_clear_error_and_no_report(artifacts, tmp_pat
 
 
 def test_int8_sdot_artifact_runs_on_emulated_pi5(tmp_path):
-    """The quantized model's arm64 build (int8 GEMMs on `sdot`, MDDQ and attention TIR kernels) gives
-    PyTorch's energies and forces on an emulated Cortex-A76."""
+    """The quantized model's arm64 build (int8 GEMMs on `sdot`, forward and backward products; MDDQ and
+    attention TIR kernels) gives PyTorch's energies and forces on an emulated Cortex-A76."""
     from qso3_tvm.graph.molecules import random_molecule
     from qso3_tvm.nn.quant import QuantConfig, quantize_model
     from qso3_tvm.nn.testing import model_energy_forces
@@ -159,6 +159,7 @@ def test_int8_sdot_artifact_runs_on_emulated_pi5(tmp_path):
     info = compile_model(str(tmp_path / "q.pt"), "arm64-cortex-a76", tmp_path / "a76", specialize=[],
                          log=lambda *_: None)
     assert "arm-sdot" in info["quantization"]["kernels"]["scalar_linears"]
+    assert "qso3_int8_grad_product, arm-sdot" in info["quantization"]["kernels"]["forces"]
     with start_board(cpu="cortex-a76", port=free_port(), key="pi5") as board:
         result = profile(tmp_path / "a76", rpc=board.address, key="pi5", repeat=1, report_dir=None,
                          log=lambda *_: None)

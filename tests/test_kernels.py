@@ -331,7 +331,8 @@ def test_quantized_graph_runs_custom_operators():
     assert any(n.startswith("qso3_scatter_rows_add_float32_") for n in names)  # neighbor sums
 
 
-@pytest.mark.parametrize("preset, instr", [("x86-avx512", "vpdpbusd"), ("x86-64", None), ("arm64-cortex-a76", "sdot")])
+@pytest.mark.parametrize("preset, instr", [("x86-avx512", "vpdpbusd"), ("x86-64", None), ("arm64-cortex-a76", "sdot"),
+                                           ("arm64-cortex-a72", "smull")])
 def test_int8_grad_product_kernel_matches_torch(preset, instr):
     """The fused int8 backward product (row steps, two int8 code vectors, both products) against
     nn.int8.int8_grad_product; N = 20 outputs exercise the padding to the instruction's block."""
