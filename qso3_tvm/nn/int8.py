@@ -9,12 +9,12 @@
 
 Forces (the backward) have straight-through semantics: dL/dx = (g · W_q^T) masked where x / s_x was
 clipped, W_q = codes · s_w. `backward="float"` computes g · W_q^T in float: exactly the gradient of the
-fake-quantized QAT model. `backward="int8"` (the default) makes it an int8 product too: each row of
-g ⊙ s_w is quantized to int8 codes with its own step (max |row| / 127) and multiplied with the weight
-codes, int8 × int8 → int32. On CPU the float product of the radial filter's backward was the largest
-kernel of an energy+forces call (reports/bench.md). The gradients of these scalar-branch Linears are
-rotation invariant, so their quantization keeps forces equivariant; the force error it adds is measured
-in reports/quantization.md.
+fake-quantized QAT model. `backward="int8"` (the default) makes it int8 products too: each row of
+g ⊙ s_w becomes two int8 code vectors with the row's own step (max |row| / 127; int8_grad_product), each
+multiplied with the weight codes, int8 × int8 → int32. On CPU the float product of the radial filter's
+backward was the largest kernel of an energy+forces call. The gradients of these scalar-branch Linears
+are (up to the model's own equivariance error) rotation invariant, so their quantization adds no
+orientation dependence of its own; its effect on force MAE and LEE is measured in reports/quantization.md.
 """
 
 from __future__ import annotations
