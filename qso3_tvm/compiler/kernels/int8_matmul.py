@@ -1,9 +1,9 @@
 """int8 x int8 -> int32 matrix products with constant (weight) right-hand sides, per target.
 
 The exported graph carries `R.matmul(a_int8 (M, K), w_int8 (K, N), out_dtype="int32")` (from
-torch._int_mm in nn.int8: the forward products, and the int8 backward's with W^T). `rewrite_int8_matmuls`
-replaces each one whose weights are a constant (or a constant's transpose) by a call to a tensorized TIR
-kernel, packing the weights at compile time (N padded with zero columns to the instruction's block):
+torch._int_mm in nn.int8). `rewrite_int8_matmuls` replaces each one whose weights are a constant by a
+call to a tensorized TIR kernel, packing the weights at compile time (N padded with zero columns to the
+instruction's block). The int8 backward products are one kernel each (`grad_product_func`, below):
 
   x86 + AVX-512 VNNI  vpdpbusd, u8 x s8: weights packed [N/16, K/4, 16, 4]; the activation codes
                       are shifted into u8 (a + 128) and 128·Σ_k w[k, n] is subtracted (exact)
@@ -85,10 +85,6 @@ def matmul_func(k: int, n: int, kern: DotKernel):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def supported(k: int, kern: DotKernel) -> bool:
-    return k % 4 == 0
-
-
 def padded_columns(w: np.ndarray, block_n: int) -> np.ndarray:
     """w (K, N) with zero columns up to a multiple of the instruction's block (e.g. N = 20 radial
     basis functions in the radial filter's backward); the extra outputs are sliced off."""
@@ -113,10 +109,8 @@ def rewrite_int8_matmuls(mod, target):
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            w = _constant_int8_weight(call, self.lookup_binding)
-            if w is None:
-                return call
-            if not supported(w.shape[0], kern):
+            w = _constant_int8_weight(call)
+            if w is None or w.shape[0] % 4:  # the instructions take 4 products per lane
                 return call
             self.count += 1
             return self.emit_kernel(call.args[0], w)
@@ -147,40 +141,27 @@ def rewrite_int8_matmuls(mod, target):
     return rw.builder_.get(), rw.count, kern.name
 
 
-def _constant_int8_weight(call, lookup_binding) -> np.ndarray | None:
-    """The (K, N) int8 weights of `R.matmul(a, w, out_dtype="int32")` when w is a constant, or the
-    transpose of one (the int8 backward products of nn.int8 multiply with W^T); else None."""
+def _constant_int8_weight(call) -> np.ndarray | None:
+    """The (K, N) int8 weights of `R.matmul(a, w, out_dtype="int32")` when w is a constant, else None."""
     import tvm
 
     if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul" and str(call.attrs.out_dtype) == "int32"):
         return None
-    w, transposed = call.args[1], False
-    if isinstance(w, tvm.relax.Var):
-        bound = lookup_binding(w)
-        if not (isinstance(bound, tvm.relax.Call) and isinstance(bound.op, tvm.ir.Op)
-                and bound.op.name == "relax.permute_dims" and _is_transpose(bound)):
-            return None
-        w, transposed = bound.args[0], True
+    w = call.args[1]
     if not (isinstance(w, tvm.ir.Constant) and str(w.value.dtype) == "int8" and len(w.value.shape) == 2):
         return None
-    w = w.value.numpy()
-    return np.ascontiguousarray(w.T) if transposed else w
-
-
-def _is_transpose(permute) -> bool:
-    axes = permute.attrs.axes
-    return axes is None or [int(a) for a in axes] == [1, 0]
+    return w.value.numpy()
 
 
 def grad_product_func(n: int, k: int, kern: DotKernel | None):
-    """One kernel for nn.int8.int8_grad_product: O (M, k') float32 (k' = k padded, below) from G (M, n) float32 (the gradient of a
+    """One kernel for nn.int8.int8_grad_product: O (M, k') float32 from G (M, n) float32 (the gradient of a
     Linear's n outputs), its per-output steps s_w (n,) and its weight codes, M symbolic. Per row: the step
     max |G ⊙ s_w| / 127, two int8 code vectors (hi, lo), both products with the weight codes in int32 and
-    O = (acc_hi + acc_lo / 254) · step. The codes and accumulators are one row long (computed under the row
-    loop). With a dot-product kernel the products are tensorized as in matmul_func: the weights come as
+    O = (acc_hi + acc_lo / 254) · step. The codes and accumulators are one row long (the row block's own
+    buffers). With a dot-product kernel the products are tensorized as in matmul_func: the weights come as
     W^T (n, k) packed [k'/bn, n/4, bn, 4] (k' = k padded to the block), and u8 codes (+128) are corrected
     by `corr` = 128·Σ_j W^T[j, :]. Without one (kern None): the same packing with 16 columns, signed codes,
-corr = 0, int32 vector multiply-adds."""
+    corr = 0, int32 vector multiply-adds."""
     from tvm import s_tir
     from tvm.script import tirx as T
 
