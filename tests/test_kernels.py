@@ -7,7 +7,7 @@ import torch
 import tvm
 from tvm import relax
 
-from qso3_tvm.compiler.kernels.int8_matmul import dot_kernel, matmul_func, pack_weights, rewrite_int8_matmuls
+from qso3_tvm.compiler.kernels.int8_matmul import dot_kernel, linear_func, linear_weights
 from qso3_tvm.compiler.kernels.pipeline import relax_pipeline
 from qso3_tvm.compiler.targets import resolve_target
 
@@ -15,38 +15,42 @@ X86_VNNI = resolve_target("x86-avx512")
 RNG = np.random.default_rng(0)
 
 
-def int8_case(m, k, n, a_dtype):
-    a = RNG.integers(0, 256, (m, k)) if a_dtype == "uint8" else RNG.integers(-127, 128, (m, k))
-    return a.astype(a_dtype), RNG.integers(-127, 128, (k, n)).astype(np.int8)
-
-
 def asm_of(mod, target) -> str:
     return tvm.compile(mod, target=target).mod.inspect_source("asm")
 
 
-@pytest.mark.parametrize("m", [2, 37])  # symbolic rows: any count
-def test_vnni_matmul_matches_numpy_and_emits_vpdpbusd(m):
-    kern = dot_kernel(X86_VNNI.tvm_target())
-    assert kern.name == "x86-vnni-vpdpbusd"
-    func = matmul_func(64, 192, kern)
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=X86_VNNI.tvm_target())
-    assert "vpdpbusd" in lib.mod.inspect_source("asm")
-    if not X86_VNNI.local:
-        pytest.skip("this CPU has no AVX-512 VNNI")
-    a, w = int8_case(m, 64, 192, "uint8")
-    c = tvm.runtime.tensor(np.zeros((m, 192), np.int32))
-    lib(tvm.runtime.tensor(a), tvm.runtime.tensor(pack_weights(w, 16)), c)
-    np.testing.assert_array_equal(c.numpy(), a.astype(np.int32) @ w.astype(np.int32))
+@pytest.mark.parametrize("preset, instr", [("x86-avx512", "vpdpbusd"), ("x86-64", None), ("arm64-cortex-a76", "sdot"),
+                                           ("arm64-cortex-a72", "smull")])
+@pytest.mark.parametrize("k, n, bounds", [(20, 64, (0, 255, 128)), (64, 192, (-127, 127, 0)), (64, 1, (-127, 127, 0))])
+def test_int8_linear_kernel_matches_torch(preset, instr, k, n, bounds):
+    """The fused int8 Linear (codes, product, scale and bias) against nn.int8.int8_linear: unsigned codes
+    (the radial basis) and signed ones, one output column (padding to the instruction's block), any row count."""
+    from qso3_tvm.nn.int8 import int8_linear
 
-
-@pytest.mark.parametrize("preset, instr", [("arm64-cortex-a76", "sdot"), ("arm64-cortex-a72", "smull")])
-def test_arm_int8_kernels_emit_their_instruction(preset, instr):
-    target = resolve_target(preset).tvm_target()
+    spec = resolve_target(preset)
+    target = spec.tvm_target()
     kern = dot_kernel(target)
-    asm = asm_of(tvm.IRModule({"main": matmul_func(64, 64, kern)}), target)
-    assert instr in asm
+    lib = tvm.compile(tvm.IRModule({"main": linear_func(k, n, kern, *bounds)}), target=target)
+    asm = lib.mod.inspect_source("asm")
+    if instr:
+        assert instr in asm
     if instr == "smull":
         assert "sdot" not in asm  # a Pi 4 has no dot product: the artifact must not use it
+    if not spec.local:
+        pytest.skip(f"{preset} does not run here")
+    for m in (2, 37):  # symbolic rows
+        x = (RNG.standard_normal((m, k)) * 2).astype(np.float32)
+        x[0, 0] = 1e3  # clipped to the largest code
+        s_x = 0.013
+        w = RNG.integers(-127, 128, (k, n)).astype(np.int8)
+        s_w, b = (RNG.random(n) * 0.01 + 1e-3).astype(np.float32), RNG.standard_normal(n).astype(np.float32)
+        consts = linear_weights(w, s_x, s_w, b, bounds[2], kern)
+        out = tvm.runtime.tensor(np.full((m, consts[-1].shape[0]), np.nan, np.float32))
+        lib(tvm.runtime.tensor(x), *map(tvm.runtime.tensor, consts), out)
+        ref = int8_linear(torch.from_numpy(x), torch.from_numpy(w), torch.tensor(s_x, dtype=torch.float32),
+                          torch.from_numpy(s_w), torch.from_numpy(b), *bounds).numpy()
+        # LLVM may fuse the scale and bias into one multiply-add where torch rounds twice
+        np.testing.assert_allclose(out.numpy()[:, :n], ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
 def test_stock_vnni_intrinsic_still_broken():
@@ -58,34 +62,7 @@ def test_stock_vnni_intrinsic_still_broken():
 
     stock = DotKernel("stock", VNNI_DOT_16x4_INTRIN, 16, "uint8")
     with pytest.raises(Exception):
-        tvm.compile(tvm.IRModule({"main": matmul_func(64, 64, stock)}), target=X86_VNNI.tvm_target())
-
-
-def _int8_linear_module(m_rows=None):
-    """Relax: y = matmul(a int8 (M, 64), const w int8 (64, 128), out int32), M symbolic."""
-    w = RNG.integers(-127, 128, (64, 128)).astype(np.int8)
-    bb = relax.BlockBuilder()
-    m = tvm.tirx.Var("m", "int64")
-    a = relax.Var("a", relax.TensorType([m, 64], "int8"))
-    with bb.function("main", [a]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.matmul(a, relax.const(w), out_dtype="int32"))
-        bb.emit_func_output(out)
-    return bb.get(), w
-
-
-@pytest.mark.parametrize("preset", ["x86-avx512", "x86-64"])
-def test_int8_matmul_rewrite_is_exact(preset):
-    spec = resolve_target(preset)
-    if not spec.local:
-        pytest.skip(f"{preset} does not run here")
-    target = spec.tvm_target()
-    mod, w = _int8_linear_module()
-    mod, count, name = rewrite_int8_matmuls(mod, target)
-    assert (count, name) == ((1, "x86-vnni-vpdpbusd") if preset == "x86-avx512" else (0, None))
-    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
-    a = RNG.integers(-127, 128, (11, 64)).astype(np.int8)  # signed codes: exercises the +128 shift
-    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a)).numpy(), a.astype(np.int32) @ w.astype(np.int32))
+        tvm.compile(tvm.IRModule({"main": linear_func(64, 64, stock, -127, 127, 0)}), target=X86_VNNI.tvm_target())
 
 
 def test_default_cpu_schedule_keeps_float_numerics():
@@ -326,6 +303,7 @@ def test_quantized_graph_runs_custom_operators():
     model = quantize_model(tiny_model(torch.float32, seed=4), QuantConfig(direction_ste="geometric"))
     model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate
     names = {gv.name_hint for gv in import_to_relax(export_energy_forces(deployable(model))).functions}
+    assert any(n.startswith("qso3_int8_linear_") for n in names)  # the scalar-branch Linears
     assert {"qso3_l2_attention_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1_geometric", "qso3_messages_16x2",
             "qso3_messages_backward_16x2"} <= names
     assert any(n.startswith("qso3_scatter_rows_add_float32_") for n in names)  # neighbor sums
@@ -362,3 +340,37 @@ def test_int8_grad_product_kernel_matches_torch(preset, instr):
     # LLVM may fuse a multiply-add where torch rounds twice: a low code can differ by one (1/254 of a step)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
     assert np.abs(ref - exact).max() < 1e-4 * np.abs(exact).max()  # two int8 levels: ~fp32-like products
+
+
+def test_parallel_rows_splits_large_static_products_only():
+    """parallel_rows: a row kernel called on 4096 static rows runs on the thread pool (same numbers as the serial
+    kernel), one called on symbolic rows stays serial."""
+    from qso3_tvm.compiler.kernels.int8_matmul import emit_linear
+    from qso3_tvm.compiler.kernels.schedule import parallel_rows
+
+    target = resolve_target("x86-64").tvm_target()
+    w = RNG.integers(-127, 128, (64, 32)).astype(np.int8)
+    s_w, b = np.full(32, 0.01, np.float32), RNG.standard_normal(32).astype(np.float32)
+    bb = relax.BlockBuilder()
+    m = tvm.tirx.Var("m", "int64")
+    big, small = relax.Var("big", relax.TensorType([4096, 64], "float32")), relax.Var("small", relax.TensorType([m, 64], "float32"))
+    with bb.function("main", [big, small]):
+        with bb.dataflow():
+            outs = [emit_linear(bb, x, w, 0.02, s_w, b, (-127, 127, 0), dot_kernel(target)) for x in (big, small)]
+            out = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(out)
+    mod = parallel_rows(bb.get())
+    calls = [c.args[0].name_hint for c in _calls(mod["main"])]
+    assert calls[0].endswith("_parallel") and not calls[1].endswith("_parallel")
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    x = RNG.standard_normal((4096, 64)).astype(np.float32)
+    got_big, got_small = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(x))
+    np.testing.assert_array_equal(got_big.numpy(), got_small.numpy())
+
+
+def _calls(func):
+    """The call_tir calls of a Relax function, in order."""
+    found = []
+    relax.analysis.post_order_visit(func.body, lambda e: found.append(e) if isinstance(e, relax.Call)
+                                    and e.op == tvm.ir.Op.get("relax.call_tir") else None)
+    return found

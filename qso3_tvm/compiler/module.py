@@ -2,8 +2,8 @@
 the reports and the tests build on.
 
     model -> deployable (int8 form)  -> export energy+forces (torch.export; symbolic sizes, or a bucket's)
-          -> import to Relax (custom operators -> TIR) -> an energy-only entry point -> our int8 GEMM
-             kernels for the target
+          -> import to Relax (custom operators -> TIR kernels, the int8 ones for the target's dot instruction)
+          -> an energy-only entry point
 
 The module has two functions with the same inputs (graph.convention): `main` returns (energy, forces),
 `energy` the energy alone: a copy of `main` without the backward pass (dead code removed), sharing its
@@ -21,7 +21,7 @@ from ..nn.int8 import to_int8
 from ..nn.ops.messages import fuse_messages
 from .export import export_energy_forces
 from .kernels.int8_matmul import dot_kernel
-from .kernels.pipeline import apply_kernels
+from .kernels.schedule import parallel_rows
 from .relax_import import import_to_relax
 from .targets import TargetSpec
 
@@ -52,10 +52,7 @@ def relax_module(model, spec: TargetSpec | None = None, bucket: Bucket | None = 
     target = target if target is not None else (spec.tvm_target() if spec is not None else None)
     ep = export_energy_forces(deployable(model, spec), bucket=bucket)
     mod = add_energy_entry(import_to_relax(ep, cpu_kernels=cpu, target=target))
-    mod = add_bucket_entries(mod, [Bucket.parse(b) for b in specialize])
-    if target is not None:
-        mod, _ = apply_kernels(mod, target)
-    return mod
+    return parallel_rows(add_bucket_entries(mod, [Bucket.parse(b) for b in specialize]))
 
 
 def add_bucket_entries(mod, buckets):

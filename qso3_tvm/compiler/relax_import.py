@@ -134,6 +134,18 @@ def _int8_grad_product(node, imp, constants: dict, kern=None):
     return emit_grad_product(imp.block_builder, imp.env[node.args[0]], imp.env[node.args[2]], w.numpy(), kern)
 
 
+def _int8_linear(node, imp, constants: dict, kern=None):
+    """qso3.int8_linear -> call_tir of its TIR kernel (quantize, int8 product, scale and bias in one pass),
+    tensorized with `kern` when given. Weight codes, steps and bias must be constants of the exported program."""
+    from .kernels.int8_matmul import emit_linear
+
+    w, s_x, s_w, bias = (constants.get(a.name) for a in node.args[1:5])
+    if any(t is None for t in (w, s_x, s_w, bias)):
+        raise QSO3Error("qso3.int8_linear needs constant weight codes, steps and bias (export with the weights as constants)")
+    return emit_linear(imp.block_builder, imp.env[node.args[0]], w.numpy(), float(s_x), s_w.numpy(), bias.numpy(),
+                       tuple(node.args[5:8]), kern)
+
+
 def _exported_constants(ep: torch.export.ExportedProgram) -> dict:
     """Placeholder name -> tensor of the program's buffers and constants."""
     from torch.export.graph_signature import InputKind
@@ -245,6 +257,7 @@ def import_to_relax(ep: torch.export.ExportedProgram, cpu_kernels: bool = True, 
         for name, convert in CONVERTERS.items():
             if convert in (_index_add, _index_put):
                 converters[name] = functools.partial(convert, cpu_kernels=True)
-    converters["int8_grad_product.default"] = functools.partial(
-        _int8_grad_product, constants=_exported_constants(ep), kern=dot_kernel(target) if target is not None else None)
+    constants, kern = _exported_constants(ep), dot_kernel(target) if target is not None else None
+    converters["int8_linear.default"] = functools.partial(_int8_linear, constants=constants, kern=kern)
+    converters["int8_grad_product.default"] = functools.partial(_int8_grad_product, constants=constants, kern=kern)
     return from_exported_program(ep, custom_convert_map=converters, run_ep_decomposition=False)

@@ -4,6 +4,8 @@
 - scalar-branch Linears (with an activation quantizer) become Int8Linear: the activation codes
   q_x = clamp(floor(x / s_x + 0.5), ±127) (LSQ+ inputs: of x - β, in 0..255) are cast to int8 and multiplied with int8 weight codes by
   torch._int_mm (int32 accumulation, exact); the int32 result is scaled by s_x·s_w and the bias added.
+  With custom operators (CPU targets) the whole of it is one operator, qso3::int8_linear (nn.ops.int8_linear):
+  one kernel when compiled, with no int8 codes or int32 sums in memory.
 - vector-branch Linears (inputs are MDDQ-decoded vectors) become Int8WeightLinear: int8 weight codes
   stored, dequantized by their per-channel step.
 
@@ -28,21 +30,33 @@ from .model import InteractionLayer
 from .quant import LSQ, MDDQ, FixedGrid, QuantLinear
 
 
-class _Int8Matmul(torch.autograd.Function):
-    """y = (q_x · W_codes) s_x s_w with q_x = clamp(floor(x/s_x + 0.5), qmin, qmax).
+def int8_linear(x, w_codes_t, s_x, s_w, bias, qmin: int, qmax: int, zp: int):
+    """y = (q_x · W_codes) s_x s_w + b with q_x = clamp(floor(x/s_x + 0.5), qmin, qmax), x (rows, in).
     Unsigned codes (0..255) are shifted by zp = 128 into int8; zp · Σ_k W[k, n] is added back (in
     float: every term is an integer below 2^24, so exact; derived from the codes, not stored)."""
+    q = (torch.clamp(torch.floor(x / s_x + 0.5), qmin, qmax) - zp).to(torch.int8)
+    acc = torch._int_mm(q, w_codes_t).to(x.dtype)  # int8 x int8 -> int32, exact
+    if zp:
+        acc = acc + zp * w_codes_t.to(x.dtype).sum(0)
+    return acc * (s_x * s_w) + bias
+
+
+class _Int8Linear(torch.autograd.Function):
+    """int8_linear on rows (as the custom operator qso3::int8_linear when forward == "op"), with the
+    straight-through backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, w_codes_t, s_x, s_w, qmin: int, qmax: int, zp: int, backward: str):
-        u = x / s_x
-        ctx.save_for_backward(u, w_codes_t, s_w)
+    def forward(ctx, x, w_codes_t, s_x, s_w, bias, qmin: int, qmax: int, zp: int, forward: str, backward: str):
+        ctx.save_for_backward(x / s_x, w_codes_t, s_w)
         ctx.bounds, ctx.backward = (qmin, qmax), backward
-        q = (torch.clamp(torch.floor(u + 0.5), qmin, qmax) - zp).to(torch.int8)
-        acc = torch._int_mm(q.reshape(-1, q.shape[-1]), w_codes_t).to(x.dtype)  # int8 x int8 -> int32, exact
-        if zp:
-            acc = acc + zp * w_codes_t.to(x.dtype).sum(0)
-        return acc.reshape(*x.shape[:-1], -1) * (s_x * s_w)
+        rows = x.reshape(-1, x.shape[-1])
+        if forward == "op":
+            from .ops.int8_linear import int8_linear_op
+
+            y = int8_linear_op(rows, w_codes_t, s_x, s_w, bias, qmin, qmax, zp)
+        else:
+            y = int8_linear(rows, w_codes_t, s_x, s_w, bias, qmin, qmax, zp)
+        return y.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
@@ -50,7 +64,7 @@ class _Int8Matmul(torch.autograd.Function):
         qmin, qmax = ctx.bounds
         inside = ((u >= qmin) & (u <= qmax)).to(grad.dtype)
         if ctx.backward == "int8-op":  # the same numbers as one custom operator (one kernel when compiled)
-            from .ops.int8_grad import int8_grad_product_op
+            from .ops.int8_linear import int8_grad_product_op
 
             rows = grad.reshape(-1, grad.shape[-1])
             g_x = int8_grad_product_op(rows, w_codes_t, s_w).reshape(*grad.shape[:-1], -1)
@@ -58,7 +72,7 @@ class _Int8Matmul(torch.autograd.Function):
             g_x = int8_grad_product(grad, w_codes_t, s_w)
         else:
             g_x = grad @ (w_codes_t.to(grad.dtype) * s_w).T  # W_q (in, out): the fake-quantized weights
-        return g_x * inside, None, None, None, None, None, None, None
+        return g_x * inside, None, None, None, None, None, None, None, None, None
 
 
 def int8_grad_product(grad, w_codes_t, s_w):
@@ -79,7 +93,7 @@ def int8_grad_product(grad, w_codes_t, s_w):
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, layer: QuantLinear, backward: str = "int8"):
+    def __init__(self, layer: QuantLinear, backward: str = "int8", forward: str = "torch"):
         super().__init__()
         act, wq = layer.act, layer.w_quant
         assert isinstance(act, LSQ) and act.bits == 8, "the int8 GEMM needs 8-bit activation codes"
@@ -95,13 +109,13 @@ class Int8Linear(nn.Module):
             self.register_buffer("offset", None if act.offset is None else act.offset.detach().clone())
         self.qmin, self.qmax, self.zp = act.qmin, act.qmax, 0 if act.signed else 128
         self.backward = backward  # "int8", "int8-op" (as a custom operator) or "float"
+        self.forward_form = forward  # "torch" (torch._int_mm) or "op" (the custom operator qso3::int8_linear)
 
     def forward(self, x):
         if self.offset is not None:
             x = x - self.offset
-        y = _Int8Matmul.apply(x, self.w_codes_t, self.s_x, self.s_w, self.qmin, self.qmax, self.zp,
-                              self.backward)
-        return y + self.bias
+        return _Int8Linear.apply(x, self.w_codes_t, self.s_x, self.s_w, self.bias, self.qmin, self.qmax, self.zp,
+                                 self.forward_form, self.backward)
 
 
 class Int8WeightLinear(nn.Module):
@@ -122,9 +136,10 @@ class Int8WeightLinear(nn.Module):
 BACKWARDS = ("int8", "float")
 
 
-def _convert(module: nn.Module, name: str, child: QuantLinear, backward: str) -> None:
+def _convert(module: nn.Module, name: str, child: QuantLinear, backward: str, custom_ops: bool) -> None:
     if isinstance(child.act, LSQ) and child.act.bits == 8:
-        setattr(module, name, Int8Linear(child, backward=backward))
+        forward = "op" if custom_ops and child.in_features % 4 == 0 else "torch"  # the kernels take 4 products per lane
+        setattr(module, name, Int8Linear(child, backward=_backward_form(child, backward, custom_ops), forward=forward))
     elif isinstance(child.act, nn.Identity):
         setattr(module, name, Int8WeightLinear(child))
 
@@ -149,7 +164,7 @@ def to_int8(model: nn.Module, custom_ops: bool = True, backward: str = "int8") -
     for module in list(out.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, QuantLinear):
-                _convert(module, name, child, _backward_form(child, backward, custom_ops))
+                _convert(module, name, child, backward, custom_ops)
             elif isinstance(child, MDDQ) and child.enabled and custom_ops:
                 setattr(module, name, MDDQKernel(child))
     return out

@@ -15,23 +15,24 @@ def forward_func(heads: int, dim: int):
     from tvm.script import tirx as T
 
     L = float(DIRECTION_LEVELS)
+    LINE = 16  # 4-byte words per 64-byte cache line
 
     @T.macro
-    def head_softmax(h, n, e, cq, ck, src, dst, fc, tau, alpha, den, mx, acc):
-        mx[h] = T.float32(0)
-        for i in range(e):  # logits (stored in alpha), max per head
-            acc[h] = 0
+    def head_softmax(h, n, e, cq, ck, src, dst, fc, tau, logit, den, mx, acc):
+        # a head's scratch lies in its own rows (logit, den) and cache lines (mx, acc: stride LINE) so that
+        # heads on different threads never write to one cache line
+        mx[h * LINE] = T.float32(0)
+        for i in range(e):  # logits, max per head
+            acc[h * LINE] = 0
             for j in range(dim):
-                acc[h] = acc[h] + T.Cast("int32", cq[dst[i], h, j]) * T.Cast("int32", ck[src[i], h, j])
-            alpha[i, h] = tau[h] * T.Cast("float32", acc[h]) / T.float32(L * L)
-            mx[h] = T.max(mx[h], alpha[i, h])
+                acc[h * LINE] = acc[h * LINE] + T.Cast("int32", cq[dst[i], h, j]) * T.Cast("int32", ck[src[i], h, j])
+            logit[h, i] = tau[h] * T.Cast("float32", acc[h * LINE]) / T.float32(L * L)
+            mx[h * LINE] = T.max(mx[h * LINE], logit[h, i])
         for a in range(n):
-            den[a, h] = T.exp(-mx[h])
+            den[h, a] = T.exp(-mx[h * LINE])
         for i in range(e):  # cutoff-weighted exponentials, neighbor sums
-            alpha[i, h] = fc[i] * T.exp(alpha[i, h] - mx[h])
-            den[dst[i], h] = den[dst[i], h] + alpha[i, h]
-        for i in range(e):
-            alpha[i, h] = alpha[i, h] / den[dst[i], h]
+            logit[h, i] = fc[i] * T.exp(logit[h, i] - mx[h * LINE])
+            den[h, dst[i]] = den[h, dst[i]] + logit[h, i]
 
     @T.prim_func(s_tir=True)
     def l2_attention_fwd(q_h: T.handle, k_h: T.handle, src_h: T.handle, dst_h: T.handle, fc_h: T.handle,
@@ -46,9 +47,10 @@ def forward_func(heads: int, dim: int):
         alpha = T.match_buffer(out_h, (e, heads), "float32")
         cq = T.alloc_buffer((n, heads, dim), "int8")
         ck = T.alloc_buffer((n, heads, dim), "int8")
-        den = T.alloc_buffer((n, heads), "float32")
-        mx = T.alloc_buffer((heads,), "float32")
-        acc = T.alloc_buffer((heads,), "int32")  # one int32 accumulator per head (heads may run in parallel)
+        logit = T.alloc_buffer((heads, e), "float32")
+        den = T.alloc_buffer((heads, n), "float32")
+        mx = T.alloc_buffer((heads * LINE,), "float32")
+        acc = T.alloc_buffer((heads * LINE,), "int32")  # one int32 accumulator per head
         norm = T.alloc_buffer((2,), "float32")
         with T.sblock("codes"):  # per-atom int8 codes of q̂ and k̂
             for a, h in T.grid(n, heads):
@@ -63,10 +65,12 @@ def forward_func(heads: int, dim: int):
         with T.sblock("softmax"):  # heads on the thread pool from PARALLEL_MIN_EDGES edges
             if e >= PARALLEL_MIN_EDGES:
                 for h in T.parallel(heads):
-                    head_softmax(h, n, e, cq, ck, src, dst, fc, tau, alpha, den, mx, acc)
+                    head_softmax(h, n, e, cq, ck, src, dst, fc, tau, logit, den, mx, acc)
             else:
                 for h in range(heads):
-                    head_softmax(h, n, e, cq, ck, src, dst, fc, tau, alpha, den, mx, acc)
+                    head_softmax(h, n, e, cq, ck, src, dst, fc, tau, logit, den, mx, acc)
+            for i, h in T.grid(e, heads):  # normalized, in the output's (edge, head) layout
+                alpha[i, h] = logit[h, i] / den[h, dst[i]]
 
     return l2_attention_fwd.with_attrs({"global_symbol": "qso3_l2_attention", "tirx.is_scheduled": True,
                                         "op_pattern": 8})

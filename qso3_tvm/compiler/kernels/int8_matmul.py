@@ -1,15 +1,15 @@
-"""int8 x int8 -> int32 matrix products with constant (weight) right-hand sides, per target.
-
-The exported graph carries `R.matmul(a_int8 (M, K), w_int8 (K, N), out_dtype="int32")` (from
-torch._int_mm in nn.int8). `rewrite_int8_matmuls` replaces each one whose weights are a constant by a
-call to a tensorized TIR kernel, packing the weights at compile time (N padded with zero columns to the
-instruction's block). The int8 backward products are one kernel each (`grad_product_func`, below):
+"""The scalar-branch int8 Linears as TIR kernels, per target: the forward (`linear_func`: activation codes,
+int8 x int8 -> int32 product, scale and bias in one pass over the rows) and the backward product
+(`grad_product_func`). compiler.relax_import emits them for the custom operators of nn.ops.int8_linear, with
+the weights packed at compile time (N padded with zero columns to the instruction's block):
 
   x86 + AVX-512 VNNI  vpdpbusd, u8 x s8: weights packed [N/16, K/4, 16, 4]; the activation codes
                       are shifted into u8 (a + 128) and 128·Σ_k w[k, n] is subtracted (exact)
   arm64 + dotprod     sdot, s8 x s8: weights packed [N/4, K/4, 4, 4]
   arm64 (NEON only)   smull + sadalp, s8 x s8: same packing as sdot
-Other targets keep the generic matmul. M (rows: atoms or edges) stays symbolic.
+  other CPUs          16-column int32 multiply-adds on the same packing
+GPU targets keep torch._int_mm's generic matmul (nn.int8 without custom operators). M (rows: atoms or edges)
+stays symbolic.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from .schedule import ROW_KERNEL
 
 
 @dataclass(frozen=True)
@@ -53,38 +55,6 @@ def pack_weights(w: np.ndarray, block_n: int) -> np.ndarray:
     return np.ascontiguousarray(w.T.reshape(n // block_n, block_n, k // 4, 4).transpose(0, 2, 1, 3))
 
 
-def matmul_func(k: int, n: int, kern: DotKernel):
-    """Scheduled, tensorized PrimFunc C (M, N) int32 = A (M, K) · W_packed, M symbolic."""
-    from tvm import s_tir
-    from tvm.script import tirx as T
-
-    bn = kern.block_n
-
-    @T.prim_func(s_tir=True)
-    def mm(a: T.handle, w: T.Buffer((n // bn, k // 4, bn, 4), "int8"), c: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        A = T.match_buffer(a, (m, k), kern.a_dtype)
-        C = T.match_buffer(c, (m, n), "int32")
-        for i, j, r in T.grid(m, n, k):
-            with T.sblock("C"):
-                vi, vj, vr = T.axis.remap("SSR", [i, j, r])
-                with T.init():
-                    C[vi, vj] = 0
-                C[vi, vj] = C[vi, vj] + T.cast(A[vi, vr], "int32") * T.cast(w[vj // bn, vr // 4, vj % bn, vr % 4], "int32")
-
-    sch = s_tir.Schedule(mm)
-    block = sch.get_sblock("C")
-    i, j, r = sch.get_loops(block)
-    jo, ji = sch.split(j, [None, bn])
-    ro, ri = sch.split(r, [None, 4])
-    sch.reorder(i, jo, ro, ji, ri)
-    init = sch.decompose_reduction(block, ro)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ji, kern.intrin)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-
-
 def padded_columns(w: np.ndarray, block_n: int) -> np.ndarray:
     """w (K, N) with zero columns up to a multiple of the instruction's block (e.g. N = 20 radial
     basis functions in the radial filter's backward); the extra outputs are sliced off."""
@@ -92,65 +62,105 @@ def padded_columns(w: np.ndarray, block_n: int) -> np.ndarray:
     return np.concatenate([w, np.zeros((k, -n % block_n), w.dtype)], axis=1)
 
 
-def rewrite_int8_matmuls(mod, target):
-    """Replace int8 matmuls with constant weights by the target's tensorized kernel.
-    Returns (module, number rewritten, kernel name or None)."""
+def linear_func(k: int, n: int, kern: DotKernel | None, qmin: int, qmax: int, zp: int):
+    """One kernel for nn.int8.int8_linear: O (M, n') float32 from X (M, k) float32, M symbolic. Per row: the
+    activation codes clamp(floor(X / s_x + 0.5), qmin, qmax) (stored as code - zp + 128 in u8 for VNNI, code - zp
+    in s8 otherwise; `corr` = (that shift) · Σ_k W[k, :] is taken off the int32 sums, exactly), the product
+    with the packed weight codes [n'/bn, k/4, bn, 4] (n' = n padded to the block) on the target's dot
+    instruction, and O = (C - corr) · (s_x s_w) + b: quantize, int8 GEMM and dequantize in one pass, the
+    codes and sums in the row's own buffers. Without a dot instruction (kern None): 16-column int32
+    multiply-adds on the same packing."""
+    from tvm import s_tir
+    from tvm.script import tirx as T
+
+    from .schedule import _vectorize_innermost
+
+    bn = kern.block_n if kern else GENERIC_BLOCK
+    a_dtype = kern.a_dtype if kern else "int8"
+    shift = (128 if a_dtype == "uint8" else 0) - zp
+    npad = n + (-n % bn)
+
+    @T.prim_func(s_tir=True)
+    def lin(x_h: T.handle, s_x: T.Buffer((1,), "float32"), w: T.Buffer((npad // bn, k // 4, bn, 4), "int8"),
+            corr: T.Buffer((npad,), "int32"), scale: T.Buffer((npad,), "float32"), bias: T.Buffer((npad,), "float32"),
+            o_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        X = T.match_buffer(x_h, (m, k), "float32")
+        O = T.match_buffer(o_h, (m, npad), "float32")
+        for i in range(m):
+            with T.sblock("row"):  # one row's codes and sums live in the row's own buffers
+                r = T.axis.spatial(m, i)
+                A = T.sblock_alloc_buffer((k,), a_dtype)
+                C = T.sblock_alloc_buffer((npad,), "int32")
+                for j in range(k):
+                    with T.sblock("codes"):
+                        vj = T.axis.spatial(k, j)
+                        A[vj] = T.cast(T.cast(T.max(T.min(T.floor(X[r, vj] / s_x[0] + T.float32(0.5)), T.float32(qmax)),
+                                                    T.float32(qmin)), "int32") + shift, a_dtype)
+                for kk, j in T.grid(npad, k):
+                    with T.sblock("C"):
+                        vk, vj = T.axis.remap("SR", [kk, j])
+                        with T.init():
+                            C[vk] = 0
+                        C[vk] = C[vk] + T.cast(A[vj], "int32") * T.cast(w[vk // bn, vj // 4, vk % bn, vj % 4], "int32")
+                for kk in range(npad):
+                    with T.sblock("out"):
+                        vk = T.axis.spatial(npad, kk)
+                        O[r, vk] = T.cast(C[vk] - corr[vk], "float32") * scale[vk] + bias[vk]
+
+    sch = s_tir.Schedule(lin)
+    _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("codes"))[-1])
+    _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("out"))[-1])
+    block = sch.get_sblock("C")
+    kk, j = sch.get_loops(block)[-2:]
+    ko, ki = sch.split(kk, [None, bn])
+    jo, ji = sch.split(j, [None, 4])
+    if kern:
+        sch.reorder(ko, jo, ki, ji)
+    else:  # int32 multiply-adds, 16 output columns per vector (vectorized before the reduction is split)
+        sch.reorder(ko, jo, ji, ki)
+        sch.vectorize(ki)
+    init = sch.decompose_reduction(block, jo)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if kern:
+        sch.tensorize(ki, kern.intrin)
+    name = f"qso3_int8_linear_{k}x{n}" + (f"_{kern.name}" if kern else "")
+    return sch.mod["main"].with_attrs({"global_symbol": name, "tirx.is_scheduled": True, "op_pattern": 8, ROW_KERNEL: True})
+
+
+def linear_weights(w_codes_t: np.ndarray, s_x: float, s_w: np.ndarray, bias: np.ndarray, zp: int,
+                   kern: DotKernel | None) -> list[np.ndarray]:
+    """linear_func's constant inputs from the layer's weight codes (k, n) int8, steps and bias: s_x (1,),
+    the packed weights, corr, s_x·s_w and the bias, padded to the instruction's block (float32 products
+    rounded as torch rounds them in nn.int8.int8_linear)."""
+    import torch
+
+    bn = kern.block_n if kern else GENERIC_BLOCK
+    shift = (128 if kern and kern.a_dtype == "uint8" else 0) - zp
+    w = padded_columns(w_codes_t, bn)
+    pad = w.shape[1] - w_codes_t.shape[1]
+    scale = (torch.tensor(s_x, dtype=torch.float32) * torch.from_numpy(s_w.astype(np.float32))).numpy()
+    return [np.array([s_x], np.float32), pack_weights(w, bn), (shift * w.astype(np.int32).sum(0)).astype(np.int32),
+            np.pad(scale, (0, pad)), np.pad(bias.astype(np.float32), (0, pad))]
+
+
+def emit_linear(bb, x, w_codes_t: np.ndarray, s_x: float, s_w: np.ndarray, bias: np.ndarray, bounds: tuple[int, int, int],
+                kern: DotKernel | None):
+    """Emit the call of linear_func for rows x (M, k): (M, n) float32. bounds: (qmin, qmax, zp)."""
     from tvm import relax
 
-    kern = dot_kernel(target)
-    if kern is None:
-        return mod, 0, None
-
-    @relax.expr_functor.mutator
-    class Rewriter(relax.PyExprMutator):
-        def __init__(self, mod):
-            super().__init__(mod)
-            self.count, self.funcs = 0, {}
-
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            w = _constant_int8_weight(call)
-            if w is None or w.shape[0] % 4:  # the instructions take 4 products per lane
-                return call
-            self.count += 1
-            return self.emit_kernel(call.args[0], w)
-
-        def emit_kernel(self, a, w):
-            bb = self.builder_
-            n_out = w.shape[1]
-            w = padded_columns(w, kern.block_n)
-            k, n = w.shape
-            if (k, n) not in self.funcs:
-                name = f"qso3_int8_matmul_{k}x{n}"
-                self.funcs[(k, n)] = bb.add_func(matmul_func(k, n, kern).with_attr("global_symbol", name), name)
-            if kern.a_dtype == "uint8":  # u8 x s8: a + 128 in u8, then subtract 128·Σw
-                a = bb.emit(relax.op.astype(relax.op.add(relax.op.astype(a, "int16"), relax.const(128, "int16")), "uint8"))
-            packed = relax.const(pack_weights(w, kern.block_n))
-            out = bb.emit(relax.call_tir(self.funcs[(k, n)], [a, packed], relax.TensorType([a.ty.shape[0], n], "int32")))
-            if kern.a_dtype == "uint8":
-                colsum = (128 * w.astype(np.int32).sum(0)).astype(np.int32)
-                out = relax.op.subtract(out, relax.const(colsum))
-            if n != n_out:
-                out = relax.op.strided_slice(out, axes=[1], begin=[0], end=[n_out])
-            return out
-
-    rw = Rewriter(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(func))
-    return rw.builder_.get(), rw.count, kern.name
-
-
-def _constant_int8_weight(call) -> np.ndarray | None:
-    """The (K, N) int8 weights of `R.matmul(a, w, out_dtype="int32")` when w is a constant, else None."""
-    import tvm
-
-    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul" and str(call.attrs.out_dtype) == "int32"):
-        return None
-    w = call.args[1]
-    if not (isinstance(w, tvm.ir.Constant) and str(w.value.dtype) == "int8" and len(w.value.shape) == 2):
-        return None
-    return w.value.numpy()
+    k, n = w_codes_t.shape
+    qmin, qmax, zp = bounds
+    func = linear_func(k, n, kern, qmin, qmax, zp)
+    consts = linear_weights(w_codes_t, s_x, s_w, bias, zp, kern)
+    name = func.attrs["global_symbol"] + (f"_u{zp}" if zp else "")
+    gv = bb.add_func(func, name)
+    npad = consts[-1].shape[0]
+    out = bb.emit(relax.call_tir(gv, [x, *map(relax.const, consts)], relax.TensorType([x.ty.shape[0], npad], "float32")))
+    if npad != n:
+        out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
+    return out
 
 
 def grad_product_func(n: int, k: int, kern: DotKernel | None):
@@ -158,7 +168,7 @@ def grad_product_func(n: int, k: int, kern: DotKernel | None):
     Linear's n outputs), its per-output steps s_w (n,) and its weight codes, M symbolic. Per row: the step
     max |G ⊙ s_w| / 127, two int8 code vectors (hi, lo), both products with the weight codes in int32 and
     O = (acc_hi + acc_lo / 254) · step. The codes and accumulators are one row long (the row block's own
-    buffers). With a dot-product kernel the products are tensorized as in matmul_func: the weights come as
+    buffers). With a dot-product kernel the products are tensorized as in linear_func: the weights come as
     W^T (n, k) packed [k'/bn, n/4, bn, 4] (k' = k padded to the block), and u8 codes (+128) are corrected
     by `corr` = 128·Σ_j W^T[j, :]. Without one (kern None): the same packing with 16 columns, signed codes,
     corr = 0, int32 vector multiply-adds."""
@@ -235,7 +245,7 @@ def grad_product_func(n: int, k: int, kern: DotKernel | None):
     if kern:
         sch.tensorize(ki, kern.intrin)
     name = f"qso3_int8_grad_product_{n}x{k}" + (f"_{kern.name}" if kern else "")
-    return sch.mod["main"].with_attrs({"global_symbol": name, "tirx.is_scheduled": True, "op_pattern": 8})
+    return sch.mod["main"].with_attrs({"global_symbol": name, "tirx.is_scheduled": True, "op_pattern": 8, ROW_KERNEL: True})
 
 
 def _code(T, u, part):
@@ -270,3 +280,4 @@ def grad_product_weights(w_codes_t: np.ndarray, kern: DotKernel | None) -> tuple
     wt = padded_columns(np.ascontiguousarray(w_codes_t.T), bn)  # (n, k')
     corr = 128 * wt.astype(np.int32).sum(0) if kern and kern.a_dtype == "uint8" else np.zeros(wt.shape[1], np.int32)
     return pack_weights(wt, bn), corr.astype(np.int32)
+

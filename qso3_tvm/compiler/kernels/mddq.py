@@ -8,11 +8,7 @@ from __future__ import annotations
 from ...nn.ops.mddq import EPS2
 from ...nn.quant import DIRECTION_LEVELS, MDDQ_EPS
 
-# ---- TIR kernels (TE expressions, N symbolic, F static) -----------------------------------------
-
-def _pick(tir, xs, c):
-    return tir.Select(c == 0, xs[0], tir.Select(c == 1, xs[1], xs[2]))
-
+# ---- TIR kernels (N symbolic, F static) -------------------------------------------------------------
 
 def _te_parts(tir, V, step, i, f, qmax: int, cube: bool):
     f32 = lambda x: tir.const(x, "float32")  # noqa: E731
@@ -38,7 +34,8 @@ def _cube_grad(tir, p, g_w):
     return [g_w[c] / m + sign[c] * is_max[c] * share for c in range(3)]
 
 
-def _grad_expr(tir, G, V, step, i, c, f, qmax: int, cube: bool, geometric: bool):
+def _grad_out(tir, G, V, step, i, f, qmax: int, cube: bool, geometric: bool) -> list:
+    """The three components of dL/dv at atom i, channel f."""
     f32 = lambda x: tir.const(x, "float32")  # noqa: E731
     p = _te_parts(tir, V, step, i, f, qmax, cube)
     d, nd, rq, r, v = p["d"], p["nd"], p["rq"], p["r"], p["v"]
@@ -53,38 +50,75 @@ def _grad_expr(tir, G, V, step, i, c, f, qmax: int, cube: bool, geometric: bool)
     x = r / step[f]
     inside = tir.Select(tir.all(x >= f32(0.0), x <= f32(qmax)), f32(1.0), f32(0.0))
     g_r = g_rq * inside - (g_u[0] * v[0] + g_u[1] * v[1] + g_u[2] * v[2]) / (r * r)
-    return _pick(tir, g_u, c) / r + g_r * _pick(tir, v, c) / r
+    return [g_u[c] / r + g_r * v[c] / r for c in range(3)]
 
 
-def _prim_func(name: str, channels: int, build):
-    from tvm import te, tirx
+def _forward_out(tir, V, step, i, f, qmax: int, cube: bool) -> list:
+    p = _te_parts(tir, V, step, i, f, qmax, cube)
+    return [p["rq"] * p["nd"] * p["d"][c] for c in range(3)]
 
-    n = tirx.Var("n", "int64")
-    ins = build(te, tirx, n)
-    # opaque to FuseOps: fusing producers into these kernels trips a FuseTIR buffer-mapping check
-    return te.create_prim_func(ins).with_attrs({"global_symbol": name, "tirx.noalias": True, "op_pattern": 8})
+
+def _schedule(func, name: str):
+    """Channels vectorized; one "row" block per atom (compiler.kernels.int8_matmul.parallel_rows puts the atoms of
+    large static calls on the thread pool). Opaque to FuseOps: fusing producers into these kernels trips a
+    FuseTIR buffer-mapping check."""
+    from tvm import s_tir
+
+    from .schedule import ROW_KERNEL, _vectorize_innermost
+
+    sch = s_tir.Schedule(func)
+    _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("mddq"))[-1])
+    return sch.mod["main"].with_attrs({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True,
+                                       "op_pattern": 8, ROW_KERNEL: True})
 
 
 def forward_func(channels: int, qmax: int, cube: bool, geometric: bool = False):
-    """out (N, 3, F) = MDDQ(v (N, 3, F); magnitude steps (F,)); `geometric` (the STE) changes only the backward."""
-    def build(te, tir, n):
-        V = te.placeholder((n, 3, channels), "float32", name="v")
-        S = te.placeholder((channels,), "float32", name="step")
+    """out (N, 3, F) = MDDQ(v (N, 3, F); magnitude steps (F,)); `geometric` (the STE) changes only the backward.
+    Per atom and channel the three components in one pass (the shared parts computed once)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
 
-        def out(i, c, f):
-            p = _te_parts(tir, V, S, i, f, qmax, cube)
-            return p["rq"] * p["nd"] * _pick(tir, p["d"], c)
-        return [V, S, te.compute((n, 3, channels), out, name="mddq")]
-    return _prim_func("qso3_mddq", channels, build)
+    F = channels
+
+    @T.prim_func(s_tir=True)
+    def mddq(v_h: T.handle, step: T.Buffer((F,), "float32"), o_h: T.handle):
+        n = T.int64()
+        V = T.match_buffer(v_h, (n, 3, F), "float32")
+        O = T.match_buffer(o_h, (n, 3, F), "float32")
+        for i in range(n):
+            with T.sblock("row"):
+                r = T.axis.spatial(n, i)
+                for f in range(F):
+                    with T.sblock("mddq"):
+                        vf = T.axis.spatial(F, f)
+                        O[r, 0, vf] = _forward_out(tirx, V, step, r, vf, qmax, cube)[0]
+                        O[r, 1, vf] = _forward_out(tirx, V, step, r, vf, qmax, cube)[1]
+                        O[r, 2, vf] = _forward_out(tirx, V, step, r, vf, qmax, cube)[2]
+
+    return _schedule(mddq, "qso3_mddq")
 
 
 def backward_func(channels: int, qmax: int, cube: bool, geometric: bool):
     """dL/dv (N, 3, F) from dL/dout, v and the magnitude steps (straight-through, see module doc)."""
-    def build(te, tir, n):
-        G = te.placeholder((n, 3, channels), "float32", name="grad")
-        V = te.placeholder((n, 3, channels), "float32", name="v")
-        S = te.placeholder((channels,), "float32", name="step")
-        out = te.compute((n, 3, channels), lambda i, c, f: _grad_expr(tir, G, V, S, i, c, f, qmax, cube, geometric),
-                         name="mddq_bwd")
-        return [G, V, S, out]
-    return _prim_func("qso3_mddq_backward", channels, build)
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    F = channels
+
+    @T.prim_func(s_tir=True)
+    def mddq_bwd(g_h: T.handle, v_h: T.handle, step: T.Buffer((F,), "float32"), o_h: T.handle):
+        n = T.int64()
+        G = T.match_buffer(g_h, (n, 3, F), "float32")
+        V = T.match_buffer(v_h, (n, 3, F), "float32")
+        O = T.match_buffer(o_h, (n, 3, F), "float32")
+        for i in range(n):
+            with T.sblock("row"):
+                r = T.axis.spatial(n, i)
+                for f in range(F):
+                    with T.sblock("mddq"):
+                        vf = T.axis.spatial(F, f)
+                        O[r, 0, vf] = _grad_out(tirx, G, V, step, r, vf, qmax, cube, geometric)[0]
+                        O[r, 1, vf] = _grad_out(tirx, G, V, step, r, vf, qmax, cube, geometric)[1]
+                        O[r, 2, vf] = _grad_out(tirx, G, V, step, r, vf, qmax, cube, geometric)[2]
+
+    return _schedule(mddq_bwd, "qso3_mddq_backward")

@@ -91,7 +91,7 @@ def backward_func(channels: int, heads: int):
     F, d = _sizes(channels, heads)
 
     @T.macro
-    def head_pass(h, n, e, g_s, g_v, alpha, phi, val, vv, u, src, dst, g_alpha, g_phi, g_val, g_vv, part):
+    def head_pass(h, n, e, g_s, g_v, alpha, phi, val, vv, u, src, dst, g_alpha_t, g_phi, g_val, g_vv, part):
         with T.sblock("head"):  # its own lane buffers per thread
             T.reads()
             T.writes()
@@ -123,7 +123,7 @@ def backward_func(channels: int, heads: int):
                         g_vv[src[i], k, h * d + l] = g_vv[src[i], k, h * d + l] + alpha[i, h] * phi[i, 2 * F + h * d + l] * g_v[dst[i], k, h * d + l]
                         ured[k, l] = g_v[dst[i], k, h * d + l] * alpha[i, h] * phi[i, F + h * d + l] * val[src[i], F + h * d + l]
                 _lane_sum(T, red, d)
-                g_alpha[i, h] = red[0]
+                g_alpha_t[h, i] = red[0]
                 for k in range(3):
                     _lane_sum(T, ured, d, k)
                     part[h, i, k] = ured[k, 0]
@@ -149,17 +149,22 @@ def backward_func(channels: int, heads: int):
         g_vv = T.match_buffer(g_vv_h, (n, 3, F), "float32")
         g_u = T.match_buffer(g_u_h, (e, 3), "float32")
         with T.sblock("root"):
-            part = T.alloc_buffer((heads, e, 3), "float32")  # per-head parts of the gradient of u
+            # per-head rows (heads on different threads never write to one cache line): the parts of the
+            # gradient of u, which sums over heads, and the gradient of α, moved to its (edge, head) layout at the end
+            part = T.alloc_buffer((heads, e, 3), "float32")
+            g_alpha_t = T.alloc_buffer((heads, e), "float32")
             if e >= PARALLEL_MIN_EDGES:
                 for h in T.parallel(heads):
-                    head_pass(h, n, e, g_s, g_v, alpha, phi, val, vv, u, src, dst, g_alpha, g_phi, g_val, g_vv, part)
+                    head_pass(h, n, e, g_s, g_v, alpha, phi, val, vv, u, src, dst, g_alpha_t, g_phi, g_val, g_vv, part)
             else:
                 for h in range(heads):
-                    head_pass(h, n, e, g_s, g_v, alpha, phi, val, vv, u, src, dst, g_alpha, g_phi, g_val, g_vv, part)
+                    head_pass(h, n, e, g_s, g_v, alpha, phi, val, vv, u, src, dst, g_alpha_t, g_phi, g_val, g_vv, part)
             for i, k in T.grid(e, 3):
                 g_u[i, k] = part[0, i, k]
                 for h in range(1, heads):
                     g_u[i, k] = g_u[i, k] + part[h, i, k]
+            for i, h in T.grid(e, heads):
+                g_alpha[i, h] = g_alpha_t[h, i]
 
     return messages_bwd.with_attrs({"global_symbol": f"qso3_messages_backward_{F}x{heads}", "tirx.is_scheduled": True,
                                     "op_pattern": 8})

@@ -1,7 +1,6 @@
 """Where the hand-written kernels and schedules enter the build.
 
-    imported Relax module
-      -> rewrite_int8_matmuls      int8 GEMMs with constant weights -> tensorized TIR (per target)
+    imported Relax module (our custom operators already TIR kernels: compiler.relax_import)
       -> [MetaSchedule database]   compiler.tuning, tuned builds only
       -> legalize, fuse            TVM's CPU pipeline (exp, sigmoid: kernels.fast_math)
       -> default CPU schedules     every fused kernel nobody scheduled (kernels.schedule)
@@ -11,14 +10,6 @@
 
 from __future__ import annotations
 
-from .int8_matmul import rewrite_int8_matmuls
-
-
-def apply_kernels(mod, target) -> tuple[object, dict]:
-    """The module with our kernels substituted, and what was substituted (for the manifest)."""
-    mod, n_matmul, kernel = rewrite_int8_matmuls(mod, target)
-    return mod, {"int8_matmul": {"kernel": kernel, "count": n_matmul}}
-
 
 def kernel_summary(target) -> dict:
     """How the quantized operators run on this target (recorded in manifest.json)."""
@@ -27,8 +18,10 @@ def kernel_summary(target) -> dict:
     kern = dot_kernel(target)
     cpu = target.kind.name == "llvm"
     return {
-        "scalar_linears": f"int8 x int8 -> int32, {kern.name} TIR kernel, weights packed at compile time"
-                          if kern else "int8 x int8 -> int32, generic relax matmul (no int8 dot instruction on this target)",
+        "scalar_linears": ("int8 x int8 -> int32, one TIR kernel per Linear (qso3_int8_linear: activation codes, product, "
+                           f"scale and bias in one pass; {kern.name if kern else 'int32 multiply-adds, no int8 dot instruction on this target'}), "
+                           "weights packed at compile time") if cpu
+                          else "int8 x int8 -> int32, generic relax matmul",
         "vector_linears": "int8 weights dequantized to float (inputs are MDDQ-decoded vectors)",
         "mddq": "custom TIR operators qso3_mddq / qso3_mddq_backward" if cpu else "generic operators",
         "attention": "custom TIR operator qso3_l2_attention (int8 q̂·k̂ codes, int32 dot, temperature, segment "

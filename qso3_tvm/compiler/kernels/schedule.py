@@ -22,6 +22,8 @@ VECTOR_LANES = 16  # float32 lanes of an AVX-512 register; NEON takes 4 and LLVM
 MAX_UNROLLED = 4 * VECTOR_LANES  # channel-sized loops only: never unroll a static loop over edges
 PARALLEL_MIN_ELEMENTS = 65536  # outputs of a kernel worth a parallel launch (~10 µs of work at one thread)
 PARALLEL_MIN_EDGES = 2048  # edges from which our edge kernels (messages, attention) run heads on the thread pool
+ROW_KERNEL = "qso3_row_kernel"  # PrimFunc attribute of our kernels with one "row" block per output row (parallel_rows)
+ROW_CHUNKS = 16  # row blocks of a parallel row kernel: even shares for 1, 2, 4, 8 or 16 threads
 
 
 def _static_extent(sch, loop) -> int | None:
@@ -126,3 +128,46 @@ def default_cpu_schedule(target):
     from tvm.s_tir.dlight import ApplyDefaultSchedule
 
     return ApplyDefaultSchedule(CPUDefault())
+
+
+def parallel_rows(mod):
+    """`mod` with our row kernels (int8_matmul's linear_func and grad_product_func, kernels.mddq) of calls at static sizes of at least
+    PARALLEL_MIN_ELEMENTS outputs (the specialized buckets' edge and atom products) replaced by a copy whose rows
+    run on the thread pool in ROW_CHUNKS chunks; symbolic sizes keep the serial kernel, as the default CPU
+    schedule does (a parallel launch costs more than a small product)."""
+    import tvm
+    from tvm import relax, s_tir, tirx
+
+    @relax.expr_functor.mutator
+    class Parallel(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.mod_, self.copies = mod, {}
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op != tvm.ir.Op.get("relax.call_tir") or not self._big(call):
+                return call
+            gv = call.args[0]
+            func = self.mod_[gv]
+            if not (isinstance(func, tirx.PrimFunc) and func.attrs and ROW_KERNEL in func.attrs):
+                return call
+            if gv.name_hint not in self.copies:
+                sch = s_tir.Schedule(func)
+                (rows,) = sch.get_loops(sch.get_sblock("row"))
+                sch.parallel(sch.split(rows, [ROW_CHUNKS, None])[0])
+                name = gv.name_hint + "_parallel"
+                self.copies[gv.name_hint] = self.builder_.add_func(sch.mod["main"].with_attr("global_symbol", name), name)
+            return relax.Call(call.op, [self.copies[gv.name_hint], *call.args[1:]], call.attrs, call.ty_args)
+
+        @staticmethod
+        def _big(call):
+            shape = getattr(call.ty, "shape", None)
+            dims = [d.value if isinstance(d, tirx.IntImm) else None for d in (shape or [])]
+            return bool(dims) and None not in dims and math.prod(dims) >= PARALLEL_MIN_ELEMENTS
+
+    p = Parallel(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            p.builder_.update_func(gv, p.visit_expr(func))
+    return p.builder_.get()

@@ -1,0 +1,41 @@
+"""A scalar-branch int8 Linear as two torch custom operators (the eager references; nn.int8 defines the
+numerics):
+  qso3::int8_linear         forward: activation codes, int8 × int8 → int32 product, scale and bias
+  qso3::int8_grad_product   backward: g · W_q^T with the gradient rows as two int8 code vectors
+
+nn.int8.to_int8(custom_ops=True) makes Int8Linear call them, so the exported graph holds one node per
+forward and per backward product, which compiler.relax_import maps to one TIR kernel each
+(compiler.kernels.int8_matmul: linear_func, grad_product_func): per row, the codes, the products on the
+target's dot-product instruction and the float result in one pass, with no int8 or int32 tensor in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.custom_op("qso3::int8_linear", mutates_args=())
+def int8_linear_op(x: torch.Tensor, w_codes_t: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor,
+                   qmin: int, qmax: int, zp: int) -> torch.Tensor:
+    """x (rows, in) float, w_codes_t (in, out) int8, s_x () , s_w (out,), bias (out,) -> (rows, out)."""
+    from ..int8 import int8_linear
+
+    return int8_linear(x, w_codes_t, s_x, s_w, bias, qmin, qmax, zp)
+
+
+@int8_linear_op.register_fake
+def _(x, w_codes_t, s_x, s_w, bias, qmin, qmax, zp):
+    return x.new_empty((x.shape[0], w_codes_t.shape[1]))
+
+
+@torch.library.custom_op("qso3::int8_grad_product", mutates_args=())
+def int8_grad_product_op(grad: torch.Tensor, w_codes_t: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    """grad (rows, out), w_codes_t (in, out) int8, s_w (out,) -> (rows, in)."""
+    from ..int8 import int8_grad_product
+
+    return int8_grad_product(grad, w_codes_t, s_w)
+
+
+@int8_grad_product_op.register_fake
+def _(grad, w_codes_t, s_w):
+    return grad.new_empty((grad.shape[0], w_codes_t.shape[0]))
