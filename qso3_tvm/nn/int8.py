@@ -47,7 +47,7 @@ class _Int8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_codes_t, s_x, s_w, bias, qmin: int, qmax: int, zp: int, forward: str, backward: str):
-        ctx.save_for_backward(x / s_x, w_codes_t, s_w)
+        ctx.save_for_backward(x, w_codes_t, s_x, s_w)
         ctx.bounds, ctx.backward = (qmin, qmax), backward
         rows = x.reshape(-1, x.shape[-1])
         if forward == "op":
@@ -60,8 +60,9 @@ class _Int8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        u, w_codes_t, s_w = ctx.saved_tensors
+        x, w_codes_t, s_x, s_w = ctx.saved_tensors
         qmin, qmax = ctx.bounds
+        u = x / s_x  # the codes' inputs, as the forward computed them
         inside = ((u >= qmin) & (u <= qmax)).to(grad.dtype)
         if ctx.backward == "int8-op":  # the same numbers as one custom operator (one kernel when compiled)
             from .ops.int8_linear import int8_grad_product_op

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .schedule import ROW_KERNEL
+from .schedule import row_kernel
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,8 @@ def linear_func(k: int, n: int, kern: DotKernel | None, qmin: int, qmax: int, zp
 
     from .schedule import _vectorize_innermost
 
-    bn = kern.block_n if kern else GENERIC_BLOCK
-    a_dtype = kern.a_dtype if kern else "int8"
-    shift = (128 if a_dtype == "uint8" else 0) - zp
+    bn, a_dtype = _operands(kern)
+    shift = _u8_shift(kern) - zp
     npad = n + (-n % bn)
 
     @T.prim_func(s_tir=True)
@@ -112,21 +111,8 @@ def linear_func(k: int, n: int, kern: DotKernel | None, qmin: int, qmax: int, zp
     sch = s_tir.Schedule(lin)
     _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("codes"))[-1])
     _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("out"))[-1])
-    block = sch.get_sblock("C")
-    kk, j = sch.get_loops(block)[-2:]
-    ko, ki = sch.split(kk, [None, bn])
-    jo, ji = sch.split(j, [None, 4])
-    if kern:
-        sch.reorder(ko, jo, ki, ji)
-    else:  # int32 multiply-adds, 16 output columns per vector (vectorized before the reduction is split)
-        sch.reorder(ko, jo, ji, ki)
-        sch.vectorize(ki)
-    init = sch.decompose_reduction(block, jo)
-    sch.vectorize(sch.get_loops(init)[-1])
-    if kern:
-        sch.tensorize(ki, kern.intrin)
-    name = f"qso3_int8_linear_{k}x{n}" + (f"_{kern.name}" if kern else "")
-    return sch.mod["main"].with_attrs({"global_symbol": name, "tirx.is_scheduled": True, "op_pattern": 8, ROW_KERNEL: True})
+    _schedule_product(sch, kern, bn)
+    return row_kernel(sch.mod["main"], f"qso3_int8_linear_{k}x{n}" + (f"_{kern.name}" if kern else ""))
 
 
 def linear_weights(w_codes_t: np.ndarray, s_x: float, s_w: np.ndarray, bias: np.ndarray, zp: int,
@@ -136,8 +122,8 @@ def linear_weights(w_codes_t: np.ndarray, s_x: float, s_w: np.ndarray, bias: np.
     rounded as torch rounds them in nn.int8.int8_linear)."""
     import torch
 
-    bn = kern.block_n if kern else GENERIC_BLOCK
-    shift = (128 if kern and kern.a_dtype == "uint8" else 0) - zp
+    bn, _ = _operands(kern)
+    shift = _u8_shift(kern) - zp
     w = padded_columns(w_codes_t, bn)
     pad = w.shape[1] - w_codes_t.shape[1]
     scale = (torch.tensor(s_x, dtype=torch.float32) * torch.from_numpy(s_w.astype(np.float32))).numpy()
@@ -177,9 +163,8 @@ def grad_product_func(n: int, k: int, kern: DotKernel | None):
 
     from .schedule import _vectorize_innermost
 
-    bn = kern.block_n if kern else GENERIC_BLOCK
-    a_dtype = kern.a_dtype if kern else "int8"
-    zp = 128 if a_dtype == "uint8" else 0
+    bn, a_dtype = _operands(kern)
+    zp = _u8_shift(kern)
     kp = k + (-k % bn)
 
     @T.prim_func(s_tir=True)
@@ -231,21 +216,29 @@ def grad_product_func(n: int, k: int, kern: DotKernel | None):
     sch.unroll(sch.get_loops(codes)[-2])
     _vectorize_innermost(sch, sch.get_loops(codes)[-1])
     _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("out"))[-1])
+    _schedule_product(sch, kern, bn, code_vectors=True)
+    return row_kernel(sch.mod["main"], f"qso3_int8_grad_product_{n}x{k}" + (f"_{kern.name}" if kern else ""))
+
+
+def _schedule_product(sch, kern: DotKernel | None, bn: int, code_vectors: bool = False) -> None:
+    """Block "C" (per row: [code vector,] output column, reduction): output columns in blocks of bn, the reduction
+    in 4s, tensorized with the dot instruction; without one (kern None), int32 multiply-adds over 16 output
+    columns per vector (vectorized before the reduction is split). `code_vectors`: a loop over code vectors
+    before the columns, moved inside the weight block so that each weight block serves every code vector."""
     block = sch.get_sblock("C")
-    c, kk, j = sch.get_loops(block)[-3:]
+    *_, kk, j = sch.get_loops(block)
+    vectors = [sch.get_loops(block)[-3]] if code_vectors else []
     ko, ki = sch.split(kk, [None, bn])
     jo, ji = sch.split(j, [None, 4])
     if kern:
-        sch.reorder(ko, jo, c, ki, ji)  # each weight block serves both code vectors
-    else:  # int32 multiply-adds, 16 output columns per vector (vectorized before the reduction is split)
-        sch.reorder(ko, jo, c, ji, ki)
+        sch.reorder(ko, jo, *vectors, ki, ji)
+    else:
+        sch.reorder(ko, jo, *vectors, ji, ki)
         sch.vectorize(ki)
     init = sch.decompose_reduction(block, jo)
     sch.vectorize(sch.get_loops(init)[-1])
     if kern:
         sch.tensorize(ki, kern.intrin)
-    name = f"qso3_int8_grad_product_{n}x{k}" + (f"_{kern.name}" if kern else "")
-    return sch.mod["main"].with_attrs({"global_symbol": name, "tirx.is_scheduled": True, "op_pattern": 8, ROW_KERNEL: True})
 
 
 def _code(T, u, part):
@@ -271,13 +264,22 @@ def emit_grad_product(bb, g, s_w, w_codes_t: np.ndarray, kern: DotKernel | None)
     return out
 
 
-GENERIC_BLOCK = 16  # output columns per vector in grad_product_func without a dot-product instruction
+GENERIC_BLOCK = 16  # output columns per vector in linear_func and grad_product_func without a dot-product instruction
 
 
 def grad_product_weights(w_codes_t: np.ndarray, kern: DotKernel | None) -> tuple[np.ndarray, np.ndarray]:
     """The packed W^T and the u8 correction of grad_product_func from w_codes_t (k, n) int8."""
-    bn = kern.block_n if kern else GENERIC_BLOCK
+    bn, _ = _operands(kern)
     wt = padded_columns(np.ascontiguousarray(w_codes_t.T), bn)  # (n, k')
-    corr = 128 * wt.astype(np.int32).sum(0) if kern and kern.a_dtype == "uint8" else np.zeros(wt.shape[1], np.int32)
-    return pack_weights(wt, bn), corr.astype(np.int32)
+    return pack_weights(wt, bn), (_u8_shift(kern) * wt.astype(np.int32).sum(0)).astype(np.int32)
+
+
+def _operands(kern: DotKernel | None) -> tuple[int, str]:
+    """(output columns per instruction, activation code dtype) of the kernels with `kern`, or without one."""
+    return (kern.block_n, kern.a_dtype) if kern else (GENERIC_BLOCK, "int8")
+
+
+def _u8_shift(kern: DotKernel | None) -> int:
+    """What is added to signed codes so that an u8 x s8 instruction (VNNI) takes them: 128, else 0."""
+    return 128 if kern and kern.a_dtype == "uint8" else 0
 

@@ -58,44 +58,54 @@ def _forward_out(tir, V, step, i, f, qmax: int, cube: bool) -> list:
     return [p["rq"] * p["nd"] * p["d"][c] for c in range(3)]
 
 
-def _schedule(func, name: str):
-    """Channels vectorized; one "row" block per atom (compiler.kernels.int8_matmul.parallel_rows puts the atoms of
-    large static calls on the thread pool). Opaque to FuseOps: fusing producers into these kernels trips a
-    FuseTIR buffer-mapping check."""
+def _row_kernel(func, name: str):
+    """Channels vectorized; one "row" block per atom (kernels.schedule.parallel_rows puts the atoms of large
+    static calls on the thread pool). Opaque to FuseOps: fusing producers into these kernels trips a FuseTIR
+    buffer-mapping check."""
     from tvm import s_tir
 
-    from .schedule import ROW_KERNEL, _vectorize_innermost
+    from .schedule import _vectorize_innermost, row_kernel
 
     sch = s_tir.Schedule(func)
     _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("mddq"))[-1])
-    return sch.mod["main"].with_attrs({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True,
-                                       "op_pattern": 8, ROW_KERNEL: True})
+    return row_kernel(sch.mod["main"].with_attr("tirx.noalias", True), name)
 
 
-def forward_func(channels: int, qmax: int, cube: bool, geometric: bool = False):
-    """out (N, 3, F) = MDDQ(v (N, 3, F); magnitude steps (F,)); `geometric` (the STE) changes only the backward.
-    Per atom and channel the three components in one pass (the shared parts computed once)."""
-    from tvm import tirx
+def _atom_rows(F: int):
+    """A macro writing O (n, 3, F) from components(r, f) -> three PrimExprs, per atom and channel in one pass."""
     from tvm.script import tirx as T
 
-    F = channels
-
-    @T.prim_func(s_tir=True)
-    def mddq(v_h: T.handle, step: T.Buffer((F,), "float32"), o_h: T.handle):
-        n = T.int64()
-        V = T.match_buffer(v_h, (n, 3, F), "float32")
-        O = T.match_buffer(o_h, (n, 3, F), "float32")
+    @T.macro
+    def rows(n, O, components):
         for i in range(n):
             with T.sblock("row"):
                 r = T.axis.spatial(n, i)
                 for f in range(F):
                     with T.sblock("mddq"):
                         vf = T.axis.spatial(F, f)
-                        O[r, 0, vf] = _forward_out(tirx, V, step, r, vf, qmax, cube)[0]
-                        O[r, 1, vf] = _forward_out(tirx, V, step, r, vf, qmax, cube)[1]
-                        O[r, 2, vf] = _forward_out(tirx, V, step, r, vf, qmax, cube)[2]
+                        O[r, 0, vf] = components(r, vf)[0]
+                        O[r, 1, vf] = components(r, vf)[1]
+                        O[r, 2, vf] = components(r, vf)[2]
 
-    return _schedule(mddq, "qso3_mddq")
+    return rows
+
+
+def forward_func(channels: int, qmax: int, cube: bool, geometric: bool = False):
+    """out (N, 3, F) = MDDQ(v (N, 3, F); magnitude steps (F,)); `geometric` (the STE) changes only the backward.
+    Per atom and channel the three components are written in one pass."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    F, rows = channels, _atom_rows(channels)
+
+    @T.prim_func(s_tir=True)
+    def mddq(v_h: T.handle, step: T.Buffer((F,), "float32"), o_h: T.handle):
+        n = T.int64()
+        V = T.match_buffer(v_h, (n, 3, F), "float32")
+        O = T.match_buffer(o_h, (n, 3, F), "float32")
+        rows(n, O, lambda r, f: _forward_out(tirx, V, step, r, f, qmax, cube))
+
+    return _row_kernel(mddq, "qso3_mddq")
 
 
 def backward_func(channels: int, qmax: int, cube: bool, geometric: bool):
@@ -103,7 +113,7 @@ def backward_func(channels: int, qmax: int, cube: bool, geometric: bool):
     from tvm import tirx
     from tvm.script import tirx as T
 
-    F = channels
+    F, rows = channels, _atom_rows(channels)
 
     @T.prim_func(s_tir=True)
     def mddq_bwd(g_h: T.handle, v_h: T.handle, step: T.Buffer((F,), "float32"), o_h: T.handle):
@@ -111,14 +121,6 @@ def backward_func(channels: int, qmax: int, cube: bool, geometric: bool):
         G = T.match_buffer(g_h, (n, 3, F), "float32")
         V = T.match_buffer(v_h, (n, 3, F), "float32")
         O = T.match_buffer(o_h, (n, 3, F), "float32")
-        for i in range(n):
-            with T.sblock("row"):
-                r = T.axis.spatial(n, i)
-                for f in range(F):
-                    with T.sblock("mddq"):
-                        vf = T.axis.spatial(F, f)
-                        O[r, 0, vf] = _grad_out(tirx, G, V, step, r, vf, qmax, cube, geometric)[0]
-                        O[r, 1, vf] = _grad_out(tirx, G, V, step, r, vf, qmax, cube, geometric)[1]
-                        O[r, 2, vf] = _grad_out(tirx, G, V, step, r, vf, qmax, cube, geometric)[2]
+        rows(n, O, lambda r, f: _grad_out(tirx, G, V, step, r, f, qmax, cube, geometric))
 
-    return _schedule(mddq_bwd, "qso3_mddq_backward")
+    return _row_kernel(mddq_bwd, "qso3_mddq_backward")

@@ -130,6 +130,12 @@ def default_cpu_schedule(target):
     return ApplyDefaultSchedule(CPUDefault())
 
 
+def row_kernel(func, name: str):
+    """A hand-scheduled PrimFunc with one "row" block per output row, marked for parallel_rows: named, kept out of the
+    default schedule and opaque to FuseOps."""
+    return func.with_attrs({"global_symbol": name, "tirx.is_scheduled": True, "op_pattern": 8, ROW_KERNEL: True})
+
+
 def parallel_rows(mod):
     """`mod` with our row kernels (int8_matmul's linear_func and grad_product_func, kernels.mddq) of calls at static sizes of at least
     PARALLEL_MIN_ELEMENTS outputs (the specialized buckets' edge and atom products) replaced by a copy whose rows
