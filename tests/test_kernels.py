@@ -232,16 +232,27 @@ def test_attention_operator_equals_model_attention_and_its_ste_gradient():
 
 
 @pytest.mark.parametrize("n,e", [(9, 40), (50, 2100)])  # one thread; heads on the thread pool
-def test_attention_tir_kernel_matches_torch_reference(n, e):
-    from qso3_tvm.compiler.kernels.attention import forward_func
+def test_attention_tir_kernels_match_torch_reference(n, e):
+    from qso3_tvm.compiler.kernels.attention import backward_func, forward_func
 
     target = resolve_target("x86-64").tvm_target()
     inputs = _attention_case(n=n, e=e)
+    inputs[4][::7] = 0.0  # edges at the cutoff: no weight, and a gradient of fc all the same
     lib = tvm.compile(tvm.IRModule({"main": forward_func(4, 16)}), target=target)
     out = tvm.runtime.tensor(np.zeros((e, 4), np.float32))
     lib(*(tvm.runtime.tensor(x) for x in inputs), out)
     ref = torch.ops.qso3.l2_attention(*(torch.from_numpy(x) for x in inputs)).numpy()
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+    g_alpha = np.random.default_rng(6).normal(size=(e, 4)).astype(np.float32)
+    args = [g_alpha, *inputs, ref]
+    refs = [r.numpy() for r in torch.ops.qso3.l2_attention_backward(*(torch.from_numpy(x) for x in args))]
+    assert np.abs(refs[2][::7]).max() > 0
+    lib = tvm.compile(tvm.IRModule({"main": backward_func(4, 16)}), target=target)
+    outs = [tvm.runtime.tensor(np.full(r.shape, np.nan, np.float32)) for r in refs]
+    lib(*(tvm.runtime.tensor(x) for x in args), *outs)
+    for got, want in zip(outs, refs):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 def _messages_case(dtype=np.float32, n=9, e=40, channels=16, heads=4):
@@ -304,7 +315,7 @@ def test_quantized_graph_runs_custom_operators():
     model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate
     names = {gv.name_hint for gv in import_to_relax(export_energy_forces(deployable(model))).functions}
     assert any(n.startswith("qso3_int8_linear_") for n in names)  # the scalar-branch Linears
-    assert {"qso3_l2_attention_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1_geometric", "qso3_messages_16x2",
+    assert {"qso3_l2_attention_2x8", "qso3_l2_attention_backward_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1_geometric", "qso3_messages_16x2",
             "qso3_messages_backward_16x2"} <= names
     assert any(n.startswith("qso3_scatter_rows_add_float32_") for n in names)  # neighbor sums
 

@@ -190,6 +190,16 @@ def _l2_attention(node, imp):
                         relax.TensorType([src.ty.shape[0], heads], "float32"), f"qso3_l2_attention_{heads}x{dim}")
 
 
+def _l2_attention_backward(node, imp):
+    """qso3.l2_attention_backward -> call_tir of its kernel; the gradients have the shapes of q, k, fc."""
+    from .kernels.attention import backward_func
+
+    g_alpha, q, k, src, dst, fc, tau, alpha = args = [imp.env[a] for a in node.args]
+    heads, dim = int(q.ty.shape[1]), int(q.ty.shape[2])
+    outs = [relax.TensorType(x.ty.shape, "float32") for x in (q, k, fc)]
+    return _call_kernel(imp.block_builder, backward_func(heads, dim), args, outs, f"qso3_l2_attention_backward_{heads}x{dim}")
+
+
 def _messages(node, imp):
     """qso3.messages -> call_tir of the fused messages kernel (compiler.kernels.messages)."""
     from .kernels.messages import forward_func
@@ -218,6 +228,7 @@ def _call_kernel(bb, func, args, outs, name: str | None = None):
 
 CONVERTERS = {
     "l2_attention.default": _l2_attention,
+    "l2_attention_backward.default": _l2_attention_backward,
     "messages.default": _messages,
     "messages_backward.default": _messages_backward,
     "mddq.default": _mddq,

@@ -11,8 +11,9 @@ generic operators and three edge-sized intermediates.
 
 This equals model.InteractionLayer.attention_weights with FixedGrid q̂/k̂ (normalizing per atom then
 gathering gives the same values as gathering then normalizing). The backward (forces) is the
-straight-through vector-Jacobian product written with torch operators in `_backward`: it is traced
-into the exported graph and compiled as generic fused kernels (no second custom kernel).
+straight-through vector-Jacobian product, a second operator `qso3::l2_attention_backward` (torch
+operators here, one TIR kernel when compiled): it recomputes the softmax rather than keeping
+edge-sized intermediates.
 """
 
 from __future__ import annotations
@@ -54,12 +55,10 @@ def _(q, k, src, dst, fc, tau):
     return q.new_empty((src.shape[0], q.shape[1]))
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output)
-
-
-def _backward(ctx, g_alpha):
-    q, k, src, dst, fc, tau, alpha = ctx.saved_tensors
+@torch.library.custom_op("qso3::l2_attention_backward", mutates_args=())
+def l2_attention_backward(g_alpha: torch.Tensor, q: torch.Tensor, k: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                          fc: torch.Tensor, tau: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Straight-through gradients of q, k (N, H, d) and fc (E,) from that of α (E, H)."""
     n = q.shape[0]
     cq, uq, ck, uk, e_t, denom = _softmax_parts(q, k, src, dst, fc, tau)
     g_w = (g_alpha - segment_sum(g_alpha * alpha, dst, n)[dst]) / denom[dst]  # softmax-with-sink VJP
@@ -67,7 +66,22 @@ def _backward(ctx, g_alpha):
     g_fc = (g_w * e_t).sum(-1)
     g_qhat = segment_sum((g_t * tau)[..., None] * ck[src] / DIRECTION_LEVELS, dst, n)  # STE: codes/127 ~ q̂
     g_khat = segment_sum((g_t * tau)[..., None] * cq[dst] / DIRECTION_LEVELS, src, n)
-    return _norm_vjp(g_qhat, q, uq), _norm_vjp(g_khat, k, uk), None, None, g_fc, None
+    return _norm_vjp(g_qhat, q, uq), _norm_vjp(g_khat, k, uk), g_fc
+
+
+@l2_attention_backward.register_fake
+def _(g_alpha, q, k, src, dst, fc, tau, alpha):
+    return q.new_empty(q.shape), k.new_empty(k.shape), fc.new_empty(fc.shape)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output)
+
+
+def _backward(ctx, g_alpha):
+    q, k, src, dst, fc, tau, alpha = ctx.saved_tensors
+    g_q, g_k, g_fc = torch.ops.qso3.l2_attention_backward(g_alpha, q, k, src, dst, fc, tau, alpha)
+    return g_q, g_k, None, None, g_fc, None
 
 
 def _norm_vjp(g, x, u):
