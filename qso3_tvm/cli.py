@@ -196,11 +196,12 @@ def compile_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="artifact directory (library + manifest.json)"),
     check: bool = typer.Option(True, help="compare with PyTorch when the target runs here"),
     tuning_records: Optional[Path] = typer.Option(None, "--tuning-records",
-                                                  help="MetaSchedule database folder from `qso3-tvm tune` (static bucket build)"),
+                                                  help="MetaSchedule database folder from `qso3-tvm tune`: its buckets become "
+                                                  "tuned static copies (with --bucket: one static build)"),
     bucket: Optional[str] = typer.Option(None, "--bucket", help="static sizes ATOMS,EDGES,MOLECULES or a name "
-                                         "(ethanol, qm9-32); default with --tuning-records: the database's first"),
+                                         "(ethanol, aspirin, qm9-32); default with --tuning-records: the database's first"),
     specialize: Optional[list[str]] = typer.Option(
-        None, "--specialize", help="sizes ATOMS,EDGES,MOLECULES (or ethanol, qm9-32) of calls that get a static copy of "
+        None, "--specialize", help="sizes ATOMS,EDGES,MOLECULES (or ethanol, aspirin, qm9-32) of calls that get a static copy of "
         "the model in the library, padded to the smallest that fits (repeatable; 'none' for none; default: one per "
         "packaged sample molecule of the model's elements)"),
 ):
@@ -223,7 +224,7 @@ def tune(
     trials_per_task: Optional[int] = typer.Option(None, help="cap per task (default min(trials, 8)): the budget "
                                                   "goes to the trials // cap heaviest kernels"),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="database folder (default schedules/<model>/<target>)"),
-    bucket: Optional[list[str]] = typer.Option(None, "--bucket", help="static sizes ATOMS,EDGES,MOLECULES or ethanol, "
+    bucket: Optional[list[str]] = typer.Option(None, "--bucket", help="static sizes ATOMS,EDGES,MOLECULES or ethanol, aspirin, "
                                                "qm9-32; repeat for several (default: the database's, else ethanol)"),
     rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT: measure on the boards of --rpc-key"),
     rpc_key: Optional[str] = typer.Option(None, "--rpc-key"),
@@ -448,7 +449,9 @@ def bench(
     tvm_fp32: Optional[Path] = typer.Option(None, "--tvm-fp32", help="fp32 artifact folder (else compiled into the cache)"),
     tvm_int8: Optional[Path] = typer.Option(None, "--tvm-int8", help="int8 artifact folder (else compiled into the cache)"),
     tvm_int8_tuned: Optional[Path] = typer.Option(None, "--tvm-int8-tuned", help="tuned int8 artifact folder"),
-    tuning_records: Optional[Path] = typer.Option(None, "--tuning-records", help="compile the tuned int8 route with these"),
+    tuning_records: Optional[Path] = typer.Option(None, "--tuning-records", help="compile the tuned int8 route with these "
+                                                  "(default: the database committed in schedules/ for the int8 model "
+                                                  "and target, if any; 'none': no tuned route)"),
     cache_dir: Optional[Path] = typer.Option(None, help="artifact cache (default ~/.cache/qso3_tvm/bench)"),
     work_dir: Optional[Path] = typer.Option(None, help="inputs and worker logs (default: a temporary folder)"),
     report_dir: Path = typer.Option(Path("reports"), help="writes bench.md and bench/bench.{json,png} here"),

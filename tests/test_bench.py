@@ -28,10 +28,10 @@ def tiny_ckpt(tmp_path_factory):
 
 def test_bench_smoke(tiny_ckpt, tmp_path):
     # eager-int8 runs the tiny model's workload with the bundled int8 checkpoint; tvm-int8-tuned has
-    # no artifact and must say so
+    # no artifact or database (--tuning-records none) and must say so
     r = runner.invoke(app, ["bench", "--model-fp32", str(tiny_ckpt), "--routes", ",".join(ROUTES),
                             "--workloads", "ethanol-b1,aspirin-b1", "--threads", "1", "--rounds", "1", "--budget-ms", "5",
-                            "--max-calls", "2", "--warmup", "0", "--cache-dir", str(tmp_path / "cache"),
+                            "--max-calls", "2", "--warmup", "0", "--cache-dir", str(tmp_path / "cache"), "--tuning-records", "none",
                             "--report-dir", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
     md = (tmp_path / "rep" / "bench.md").read_text()

@@ -52,9 +52,18 @@ def tuned_db(tiny):
 
 @pytest.fixture(scope="module")
 def tuned_artifact(tiny, tuned_db):
+    """The default tuned build: symbolic, plus a static copy at the database's bucket with its records."""
     db, _ = tuned_db
-    info = compile_model(str(tiny / "tiny.pt"), "x86-64", tiny / "art", tuning_records=db, log=quiet)
+    info = compile_model(str(tiny / "tiny.pt"), "x86-64", tiny / "art", tuning_records=db, specialize=[], log=quiet)
     return tiny / "art", info
+
+
+@pytest.fixture(scope="module")
+def tuned_static(tiny, tuned_db):
+    """A static build at the database's bucket (--bucket): nothing else fits it."""
+    db, _ = tuned_db
+    compile_model(str(tiny / "tiny.pt"), "x86-64", tiny / "static", tuning_records=db, bucket=BUCKET, log=quiet)
+    return tiny / "static"
 
 
 def test_bucket_parse_fit_and_choice():
@@ -106,24 +115,31 @@ def test_tiny_tuning_round_trip(tuned_db, tuned_artifact, tiny):
     assert summary["tasks"][0]["after_us"] > 0
     art, info = tuned_artifact
     manifest = json.loads((art / "manifest.json").read_text())
-    assert manifest["inputs"]["buckets"] == [[24, 300, 3]]
-    assert manifest["tuning"]["database_sha256"] == database_sha256(db) and manifest["tuning"]["tuned_tasks"] >= 1
+    assert manifest["inputs"]["specialized"] == [[24, 300, 3]] and "buckets" not in manifest["inputs"]
+    tuning = manifest["tuning"]
+    assert tuning["database_sha256"] == database_sha256(db) and tuning["tuned_tasks"] >= 1
+    assert tuning["tuned_kernels"] >= 1  # the records reached the static copy's kernels
     p = manifest["parity"]
     assert p["max_energy_error_mev"] < 0.1 and p["max_force_error_mev_per_a"] < 0.1
-    # the static build against PyTorch on a fresh molecule, and a batch split to fit the bucket
+    # the tuned copy against PyTorch on a fresh molecule; three do not fit it and run the symbolic function
     model = CompiledModel(art)
     z, x = random_molecule(10, species=(1, 6, 8), seed=3)
     e, f = model.energy_forces(z, x)
     e_ref, f_ref = model_energy_forces(tiny_model(torch.float32, seed=2, energy_shift=ENERGY_SHIFT_EV).double(), z, x)
     e_ref += sum(ENERGY_SHIFT_EV[(1, 6, 7, 8, 9).index(int(zi))] for zi in z)  # the eager helper gives interaction energy
     assert abs(e - e_ref) < 1e-3 and np.abs(f - f_ref).max() < 1e-3
-    mols = MoleculeSet.from_molecules([(z, x)] * 3)  # 3 molecules never fit one call: split into calls
+    mols = MoleculeSet.from_molecules([(z, x)] * 3)
     energies, forces = model.predict(mols)
+    assert np.allclose(energies, e, atol=1e-5) and np.allclose(forces, np.tile(f, (3, 1)), atol=1e-5)
+
+
+def test_static_build_splits_batches_and_refuses_molecules_beyond_its_bucket(tuned_static, tuned_db):
+    model = CompiledModel(tuned_static)
+    assert model.manifest["inputs"]["buckets"] == [[24, 300, 3]] and model.manifest["tuning"]["tuned_kernels"] >= 1
+    z, x = random_molecule(10, species=(1, 6, 8), seed=3)
+    e, f = model.energy_forces(z, x)
+    energies, forces = model.predict(MoleculeSet.from_molecules([(z, x)] * 3))  # 3 never fit one call: split
     assert np.allclose(energies, e, atol=1e-6) and np.allclose(forces, np.tile(f, (3, 1)), atol=1e-6)
-
-
-def test_molecule_beyond_every_bucket_is_refused(tuned_artifact):
-    model = CompiledModel(tuned_artifact[0])
     z, x = random_molecule(30, species=(1, 6, 8), seed=1)
     with pytest.raises(QSO3Error, match="exceed every size bucket"):
         model.energy_forces(z, x)

@@ -11,6 +11,7 @@ failure or an interrupt never leaves a half-written artifact.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from ..graph.convention import (
     fits_buckets,
     float_activations,
     max_errors,
+    merge_buckets,
     sample_buckets,
     sample_set,
     write_manifest,
@@ -46,7 +48,7 @@ from .kernels.pipeline import kernel_summary, relax_pipeline
 from .module import deployable, relax_module
 from .stages import Stages, native_output_to
 from .targets import TargetSpec, resolve_target, tuning_target
-from .tuning.database import apply_tuning_records, static_build_info
+from .tuning.database import apply_tuning_records, database_buckets, static_build_info, tuning_info
 
 LIBRARY = "model.so"
 # float32 graph vs PyTorch float32: reassociated sums only. Quantized models: a different summation
@@ -65,10 +67,12 @@ def tolerances(prec: str) -> tuple[float, float]:
     return (float(os.environ.get("QSO3_COMPILE_TOL_E_MEV", e)), float(os.environ.get("QSO3_COMPILE_TOL_F_MEV", f)))
 
 
-def build(model, spec: TargetSpec, bucket=None, tuning_records=None, stages: Stages | None = None, specialize=()):
+def build(model, spec: TargetSpec, bucket=None, tuning_records=None, stages: Stages | None = None, specialize=(),
+          tuning: dict | None = None):
     """Relax executable of the model's energy+forces graph for a target (symbolic sizes, or the
-    static sizes of a bucket; with a MetaSchedule database applied, see compiler.tuning); `specialize`:
-    buckets that get static copies of the entry points in a symbolic build (graph.convention)."""
+    static sizes of a bucket); `specialize`: buckets that get static copies of the entry points in a
+    symbolic build (graph.convention); `tuning_records`: a MetaSchedule database applied to the static
+    kernels (compiler.tuning), the number of kernels it scheduled goes to tuning["tuned_kernels"]."""
     import tvm
 
     stages = stages or Stages(STAGES, log=lambda *_: None)
@@ -76,7 +80,9 @@ def build(model, spec: TargetSpec, bucket=None, tuning_records=None, stages: Sta
     with stages.run("export and import to Relax"):
         mod = relax_module(model, spec, bucket=bucket, specialize=specialize)
         if tuning_records:
-            mod = apply_tuning_records(mod, tuning_target(spec), tuning_records)
+            mod, applied = apply_tuning_records(mod, tuning_target(spec), tuning_records)
+            if tuning is not None:
+                tuning["tuned_kernels"] = applied
     with stages.run("build with TVM"):
         return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
 
@@ -162,7 +168,9 @@ BUILD_LOG = "compile.log"  # TVM's own messages during the build, kept in the ar
 def compile_model(model_spec: str, target: str, out: str | Path, check: bool = True, log=print,
                   bucket=None, tuning_records=None, specialize=None) -> dict:
     """Compile a checkpoint for a target into `out` (library + manifest.json); returns the manifest.
-    `tuning_records`: a MetaSchedule database folder (qso3-tvm tune), built at `bucket` or its first.
+    `tuning_records`: a MetaSchedule database folder (qso3-tvm tune): on CPU targets without `bucket`, a
+    symbolic build whose static copies include the database's buckets (tuned kernels, padded calls) besides
+    `specialize`; with `bucket` (or on other targets) a static build at that bucket (or the database's first).
     `specialize`: buckets for static copies of a symbolic build's entry points (None: one per packaged
     sample molecule the model covers, graph.convention.sample_buckets, on CPU targets; [] for none).
     `out` must be new, empty, or an earlier artifact (replaced only once the new one is complete)."""
@@ -173,7 +181,7 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
     model_path = resolve_model_path(model_spec)
     model = load_model(model_path)
     static_info = None
-    if tuning_records or bucket:
+    if bucket or (tuning_records and spec.device != "cpu"):
         bucket, static_info = static_build_info(bucket, tuning_records, log)
         specialize = []
     elif specialize is None:
@@ -182,6 +190,10 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
         raise QSO3Error(f"--specialize is for CPU targets only: static copies for {spec.name} fail in TVM 0.27's CUDA "
                         "codegen (a kernel allocates global scratch memory)")
     specialize = [Bucket.parse(b) for b in specialize]
+    if tuning_records and static_info is None:  # tuned static copies at the database's buckets
+        static_info = {"tuning": tuning_info(tuning_records)}
+        tuned = database_buckets(tuning_records)
+        specialize = sorted(set(merge_buckets([*tuned, *specialize])) | set(tuned), key=lambda b: b.as_list())
     if specialize:
         log(f"specialized buckets (atoms,edges,molecules incl. the ghost): {' '.join(b.text for b in specialize)}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -212,13 +224,14 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
 def _build_artifact(model, model_path: Path, spec: TargetSpec, tmp: Path, stages: Stages, bucket, tuning_records,
                     static_info, specialize) -> dict:
     """Library and manifest (without the parity result) in `tmp`."""
-    executable = build(model, spec, bucket=bucket, tuning_records=tuning_records, stages=stages, specialize=specialize)
+    static_info = copy.deepcopy(static_info or {})
+    executable = build(model, spec, bucket=bucket, tuning_records=tuning_records, stages=stages, specialize=specialize,
+                       tuning=static_info.get("tuning"))
     with stages.run("write library"):
         library = tmp / LIBRARY
         write_library(executable, library, spec)
         info = manifest(model, model_path, spec, library)
-        if static_info:
-            info.update(static_info)
+        info.update(static_info)
         if specialize:
             info["inputs"]["specialized"] = [b.as_list() for b in specialize]
             info["functions"].update({bucket_function(e, b): f"{ENTRY_POINTS[e]}, static sizes {b.text}"

@@ -190,15 +190,23 @@ def _compile_artifact(spec: dict, route: Route) -> Path:
 
     kwargs, tag = _tuning_kwargs(spec) if route.tuned else ({}, "")
     path = resolve_model_path(spec[route.checkpoint])
-    if not route.tuned:  # static copies for the packaged samples and the bench's workloads
-        model = load_model(path)
-        kwargs["specialize"] = merge_buckets([*(spec.get("specialize") or []), *sample_buckets(model.cfg.species, model.cfg.cutoff)])
-        tag += "-b" + hashlib.sha256(json.dumps([b.as_list() for b in kwargs["specialize"]]).encode()).hexdigest()[:8]
+    # static copies for the packaged samples and the bench's workloads (tuned: and the database's buckets)
+    model = load_model(path)
+    kwargs["specialize"] = merge_buckets([*(spec.get("specialize") or []), *sample_buckets(model.cfg.species, model.cfg.cutoff)])
+    tag += "-b" + hashlib.sha256(json.dumps([b.as_list() for b in kwargs["specialize"]]).encode()).hexdigest()[:8]
     key = f"{route.name}-{file_sha(path)}-{spec['target']}-tvm{tvm.__version__}-src{compile_sources_hash()}{tag}"
     folder = Path(spec["cache_dir"]) / key
     if not (folder / "manifest.json").exists():
         compile_model(str(path), spec["target"], folder, check=True, log=lambda *a: print(*a, file=sys.stderr), **kwargs)
     return folder
+
+
+def _tuning_note(manifest: dict) -> str:
+    tuning = manifest.get("tuning")
+    if not tuning:
+        return ""
+    return (f"; {tuning.get('tuned_kernels', '?')} kernels scheduled from {tuning['database']} "
+            f"(sha256 {tuning['database_sha256'][:12]}, buckets {tuning.get('buckets')})")
 
 
 def _prepare_tvm(spec: dict, route: Route) -> dict:
@@ -223,5 +231,5 @@ def _prepare_tvm(spec: dict, route: Route) -> dict:
     return {"artifact": str(folder), "species": manifest["model"]["species"], "cutoff": float(manifest["model"]["cutoff"]),
             "weight_bytes": wbytes, "file_bytes": lib.stat().st_size, "source": source,
             "model": f"{manifest['model'].get('checkpoint')} ({manifest['model'].get('precision')}, "
-                     f"target {manifest['target']['name']})",
+                     f"target {manifest['target']['name']}{_tuning_note(manifest)})",
             "parity": manifest.get("parity")}

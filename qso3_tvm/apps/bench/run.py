@@ -65,7 +65,7 @@ class BenchConfig:
     tvm_fp32: str | None = None  # artifact folders; compiled into the cache when not given
     tvm_int8: str | None = None
     tvm_int8_tuned: str | None = None
-    tuning_records: str | None = None  # compile tvm-int8-tuned here when compile_model supports it
+    tuning_records: str | None = None  # compile tvm-int8-tuned with these ('none': skip; default: the committed ones)
     cache_dir: str | None = None  # default $QSO3_CACHE/bench (~/.cache/qso3_tvm/bench)
     work_dir: str | None = None  # inputs, worker logs, outputs; a temporary folder when not given
     report_dir: str = "reports"
@@ -306,12 +306,23 @@ def _prepare_here(cfg: BenchConfig, route: str) -> dict:
         return {"skip": str(e)}
 
 
+def tuning_records(cfg: BenchConfig) -> str | None:
+    """The database of the tuned route: --tuning-records ('none': none), else the one committed for the
+    int8 model and target (schedules/), if there is one."""
+    from ...compiler.tuning.database import committed_database
+
+    if cfg.tuning_records:
+        return None if cfg.tuning_records.lower() == "none" else cfg.tuning_records
+    folder = committed_database(cfg.model_int8, cfg.target)
+    return str(folder) if folder else None
+
+
 def _prepare_in_subprocess(cfg: BenchConfig, route: str, cache_dir: Path, work_dir: Path) -> dict:
     """An artifact route: exported or compiled (into the cache) by `worker prepare`."""
     option = ROUTES[route].artifact_option
     spec = {"route": route, "model_fp32": cfg.model_fp32, "model_int8": cfg.model_int8, "target": cfg.target,
             "cache_dir": str(cache_dir), "artifact": getattr(cfg, option) if option else None,
-            "tuning_records": cfg.tuning_records, "specialize": cfg.extra.get("specialize", [])}
+            "tuning_records": tuning_records(cfg), "specialize": cfg.extra.get("specialize", [])}
     spec_path, result_path = work_dir / f"prepare_{route}.json", work_dir / f"prepare_{route}.out.json"
     spec_path.write_text(json.dumps(spec))
     with open(work_dir / f"prepare_{route}.log", "w") as fh:

@@ -13,14 +13,25 @@ from pathlib import Path
 
 from ...errors import QSO3Error
 from ...graph.convention import Bucket, static_inputs
-from ...resources import schedules_dir
+from ...resources import data_root, schedules_dir
 from ..kernels.pipeline import fused
 
 WORKLOAD_FILE, RECORD_FILE, TASKS_FILE = "database_workload.json", "database_tuning_record.json", "tasks.json"
 
 
+def _database_name(model_spec: str, target: str) -> Path:
+    return Path(Path(str(model_spec)).stem.replace("_", "-")) / target.replace("/", "_")
+
+
 def default_work_dir(model_spec: str, target: str) -> Path:
-    return schedules_dir() / Path(str(model_spec)).stem.replace("_", "-") / target.replace("/", "_")
+    return schedules_dir() / _database_name(model_spec, target)
+
+
+def committed_database(model_spec: str, target: str) -> Path | None:
+    """The database shipped for a model and target (schedules/<model>/<target>, a checkout's or the
+    installed package's), if there is one."""
+    folder = data_root() / "schedules" / _database_name(model_spec, target)
+    return folder if (folder / RECORD_FILE).is_file() else None
 
 
 def open_database(db_dir: str | Path, must_exist: bool = False):
@@ -71,25 +82,29 @@ def database_buckets(db_dir: str | Path) -> list[Bucket]:
     return [Bucket.parse(b) for b in read_tasks_file(db_dir).get("buckets", [])]
 
 
+def tuning_info(tuning_records) -> dict:
+    """The manifest's "tuning" entry of a database (checked readable first: a clear error before a long export)."""
+    open_database(tuning_records, must_exist=True)
+    tasks = read_tasks_file(tuning_records)
+    return {"database": str(tuning_records), "database_sha256": database_sha256(tuning_records),
+            "buckets": tasks.get("buckets"), "target": tasks.get("target"),
+            "tuned_tasks": len(tasks.get("tasks", [])), "trials": tasks.get("trials")}
+
+
 def static_build_info(bucket, tuning_records, log=print) -> tuple[Bucket, dict]:
     """The bucket a static build uses (given, else the database's first) and its manifest entries."""
-    if tuning_records:
-        open_database(tuning_records, must_exist=True)  # clear error before a long export
+    info = {"tuning": tuning_info(tuning_records)} if tuning_records else {}
     if bucket is None:
         known = database_buckets(tuning_records) if tuning_records else []
         if not known:
             raise QSO3Error(f"{tuning_records}: no bucket recorded ({TASKS_FILE}); give --bucket ATOMS,EDGES,MOLECULES")
         bucket = known[0]
     bucket = Bucket.parse(bucket)
-    info = {"inputs": static_inputs(bucket)}
-    if tuning_records:
-        tasks = read_tasks_file(tuning_records)
-        info["tuning"] = {"database": str(tuning_records), "database_sha256": database_sha256(tuning_records),
-                          "buckets": tasks.get("buckets"), "target": tasks.get("target"),
-                          "tuned_tasks": len(tasks.get("tasks", [])), "trials": tasks.get("trials")}
-        if tasks.get("buckets") and bucket.as_list() not in tasks["buckets"]:
-            log(f"warning: bucket {bucket.text} was not tuned (database buckets {tasks['buckets']}): "
-                "kernels of other sizes do not match, the build stays mostly unscheduled")
+    info["inputs"] = static_inputs(bucket)
+    tuned = info.get("tuning", {}).get("buckets")
+    if tuned and bucket.as_list() not in tuned:
+        log(f"warning: bucket {bucket.text} was not tuned (database buckets {tuned}): "
+            "kernels of other sizes do not match, the build stays mostly unscheduled")
     log(f"static build at bucket {bucket.text} (atoms, edges, molecules)"
         + (f", tuning records {tuning_records}" if tuning_records else ""))
     return bucket, info
@@ -97,12 +112,23 @@ def static_build_info(bucket, tuning_records, log=print) -> tuple[Bucket, dict]:
 
 def apply_tuning_records(mod, target, db_dir: str | Path):
     """The Relax module with the database's schedules applied to the kernels it has records for
-    (MetaScheduleApplyDatabase under the target); kernels without records stay as they are."""
+    (MetaScheduleApplyDatabase under the target; static kernels only: records are per size), and how many
+    kernels got one; kernels without records stay as they are."""
     import tvm
     from tvm import relax
 
     db = open_database(db_dir, must_exist=True)
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     mod = fused(mod, target)
+    before = scheduled_kernels(mod)
     with target, db:
-        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    return mod, scheduled_kernels(mod) - before
+
+
+def scheduled_kernels(mod) -> int:
+    """Kernels of a module marked as scheduled (ours, or given a schedule from a database)."""
+    import tvm
+
+    return sum(1 for f in mod.functions.values()
+               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False)))

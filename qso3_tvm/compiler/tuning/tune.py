@@ -68,7 +68,8 @@ class Ranked:
 
 
 def rank_tasks(model, buckets: list[Bucket], tgt, use_profile: bool, log) -> list[Ranked]:
-    """Every bucket's tuning tasks, scored by measured kernel time here or by FLOPs × calls."""
+    """Every bucket's tuning tasks, scored by their share of the bucket's measured kernel time here (or of
+    its FLOPs × calls)."""
     from tvm.s_tir import meta_schedule as ms
 
     ranked, t0 = [], time.time()
@@ -76,8 +77,9 @@ def rank_tasks(model, buckets: list[Bucket], tgt, use_profile: bool, log) -> lis
         mod = fused(relax_module(model, bucket=b, target=tgt), tgt)
         tasks = ms.relax_integration.extract_tasks(mod, tgt)
         kernel_s = profile_kernels(mod, tgt, model, b) if use_profile else None
-        ranked += [Ranked(kernel_s.get(t.task_name, 0.0) if kernel_s is not None else _task_flops(t) * t.weight, b, t)
-                   for t in tasks]
+        scores = [kernel_s.get(t.task_name, 0.0) if kernel_s is not None else _task_flops(t) * t.weight for t in tasks]
+        total = sum(scores) or 1.0  # shares of the bucket's time: every bucket's heaviest kernels get tuned
+        ranked += [Ranked(score / total, b, t) for score, t in zip(scores, tasks)]
         log(f"bucket {b.text}: {len(tasks)} tasks, {sum(t.weight for t in tasks)} kernel calls "
             f"({'profiled here' if kernel_s is not None else 'ranked by FLOPs × calls'}) [{time.time() - t0:.0f} s]")
     return ranked
