@@ -145,6 +145,19 @@ def test_static_build_splits_batches_and_refuses_molecules_beyond_its_bucket(tun
         model.energy_forces(z, x)
 
 
+def test_tasks_leave_our_scheduled_kernels_alone(tiny):
+    """Our TIR kernels come scheduled (MetaSchedule fails on their tensorized or opaque loops): never tasks."""
+    from qso3_tvm.compiler.targets import resolve_target, tuning_target
+    from qso3_tvm.compiler.tuning.tune import rank_tasks
+    from qso3_tvm.nn.checkpoint import load_model
+
+    ranked = rank_tasks(load_model(tiny / "tiny.pt"), [Bucket.parse(BUCKET)], tuning_target(resolve_target("x86-64")),
+                        use_profile=False, log=quiet)
+    names = [r.task.task_name for r in ranked]
+    assert names and not [n for n in names if n.startswith("qso3_")]
+    assert abs(sum(r.score for r in ranked) - 1.0) < 1e-6  # shares of the bucket's FLOPs
+
+
 def test_rerun_resumes_and_keeps_records(tuned_db, tiny):
     db, first = tuned_db
     again = tiny / "db_again"
