@@ -126,9 +126,12 @@ def apply_tuning_records(mod, target, db_dir: str | Path):
     return mod, scheduled_kernels(mod) - before
 
 
-def scheduled_kernels(mod) -> int:
-    """Kernels of a module marked as scheduled (ours, or given a schedule from a database)."""
+def is_scheduled(func) -> bool:
+    """A kernel marked as scheduled: ours (compiler.kernels), or given a schedule from a database."""
     import tvm
 
-    return sum(1 for f in mod.functions.values()
-               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False)))
+    return isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+
+
+def scheduled_kernels(mod) -> int:
+    return sum(map(is_scheduled, mod.functions.values()))

@@ -29,7 +29,7 @@ from ..kernels.pipeline import fused
 from ..module import relax_module
 from ..targets import resolve_target, tuning_target
 from ..tvm_fixes import meta_schedule_loggers
-from .database import TASKS_FILE, database_sha256, default_work_dir, open_database, read_tasks_file
+from .database import TASKS_FILE, database_sha256, default_work_dir, is_scheduled, open_database, read_tasks_file
 from .measure import make_builder_runner, measure_untuned, profile_kernels
 
 
@@ -67,20 +67,15 @@ class Ranked:
         return self.task.task_name, self.bucket.text
 
 
-def _hand_scheduled(task) -> bool:
-    """Our TIR kernels (compiler.kernels) come scheduled: MetaSchedule has nothing to search there."""
-    return any(f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False)) for f in task.dispatched[0].functions.values())
-
-
 def rank_tasks(model, buckets: list[Bucket], tgt, use_profile: bool, log) -> list[Ranked]:
-    """Every bucket's tuning tasks (the kernels without a schedule of ours), scored by their share of the bucket's measured kernel time here (or of
-    its FLOPs × calls)."""
+    """Every bucket's tuning tasks, scored by their share of the bucket's measured kernel time here (or of its
+    FLOPs × calls). Our kernels come scheduled (compiler.kernels): MetaSchedule has nothing to search there."""
     from tvm.s_tir import meta_schedule as ms
 
     ranked, t0 = [], time.time()
     for b in buckets:
         mod = fused(relax_module(model, bucket=b, target=tgt), tgt)
-        tasks = [t for t in ms.relax_integration.extract_tasks(mod, tgt) if not _hand_scheduled(t)]
+        tasks = [t for t in ms.relax_integration.extract_tasks(mod, tgt) if not any(map(is_scheduled, t.dispatched[0].functions.values()))]
         kernel_s = profile_kernels(mod, tgt, model, b) if use_profile else None
         scores = [kernel_s.get(t.task_name, 0.0) if kernel_s is not None else _task_flops(t) * t.weight for t in tasks]
         total = sum(scores) or 1.0  # shares of the bucket's time: every bucket's heaviest kernels get tuned
