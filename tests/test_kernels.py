@@ -302,6 +302,72 @@ def test_messages_tir_kernels_match_torch_reference(n, e):
             np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def _update_case(dtype, n=9, channels=16, seed=6):
+    rng = np.random.default_rng(seed)
+    F = channels
+    shapes = [(n, F), (n, F), (n, 3, F), (n, 3, F), (2 * F, F), (n, 3 * F)]  # s, ds, v, dv, W, a
+    return [rng.normal(size=sh).astype(dtype) for sh in shapes]
+
+
+def test_update_operators_equal_model_update_and_their_gradient():
+    """qso3.residual_norms and qso3.gated_update (forward, and their hand-written backwards) vs autograd of
+    model.residual_norms and model.gated_update, chained through a nonlinear stand-in for the update MLP."""
+    from qso3_tvm.nn.model import gated_update, residual_norms
+    from qso3_tvm.nn.ops.update import UpdateKernels
+
+    *inputs, w, a0 = (torch.from_numpy(x) for x in _update_case(np.float64))
+    mix = torch.from_numpy(np.random.default_rng(7).normal(size=(32, 48)))
+    linear = torch.nn.Linear(16, 32, bias=False).double()
+    linear.weight.data.copy_(w)
+    g = [torch.from_numpy(np.random.default_rng(8).normal(size=sh)) for sh in ((9, 16), (9, 3, 16))]
+    results = []
+    for norms, gate in ((residual_norms, gated_update), (UpdateKernels().residual_norms, UpdateKernels().gated_update)):
+        xs = [t.clone().requires_grad_(True) for t in inputs + [a0]]
+        x, v1, uvvv = norms(*xs[:4], linear)
+        s2, v2 = gate(torch.tanh(x @ mix) + xs[4], x, v1, uvvv)
+        results.append((s2.detach(), v2.detach(), *torch.autograd.grad((s2 * g[0]).sum() + (v2 * g[1]).sum(), xs)))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert all(t.abs().max() > 0 for t in results[0])
+
+
+@pytest.mark.parametrize("n", [9, 5000])  # 5000 atoms: rows on the thread pool (parallel_rows at a static size)
+def test_update_tir_kernels_match_torch_reference(n):
+    from qso3_tvm.compiler.kernels import update
+    from qso3_tvm.compiler.kernels.schedule import parallel_rows
+
+    target = resolve_target("x86-64").tvm_target()
+    s, ds, v, dv, w, a = _update_case(np.float32, n=n)
+    rng = np.random.default_rng(9)
+    t = torch.from_numpy
+    x, v1, uvvv = (r.numpy() for r in torch.ops.qso3.residual_norms(t(s), t(ds), t(v), t(dv), t(w)))
+    g_x, g_v1, g_u, g_s, g_v = (rng.normal(size=r.shape).astype(np.float32) for r in (x, v1, uvvv, s, v))
+    cases = [(update.residual_norms_func(16), [s, ds, v, dv, np.ascontiguousarray(w.T)], [s, ds, v, dv, w], "residual_norms"),
+             (update.residual_norms_backward_func(16), [g_x, g_v1, g_u, x, uvvv, w], None, "residual_norms_backward"),
+             (update.gated_update_func(16), [a, x, v1, uvvv], None, "gated_update"),
+             (update.gated_update_backward_func(16), [g_s, g_v, a, uvvv], None, "gated_update_backward")]
+    for func, args, torch_args, op in cases:
+        refs = getattr(torch.ops.qso3, op)(*(t(x) for x in (torch_args or args)))
+        mod = _row_kernel_call(func, args, refs)
+        vm = tvm.relax.VirtualMachine(tvm.compile(parallel_rows(mod), target=target), tvm.cpu())
+        outs = vm["main"](*(tvm.runtime.tensor(x) for x in args))
+        for out, ref in zip(outs, refs):
+            np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5 * np.abs(ref.numpy()).max())
+
+
+def _row_kernel_call(func, args, refs):
+    """A Relax module whose main calls `func` at the static shapes of `args` (so parallel_rows can apply)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(x.shape, "float32")) for i, x in enumerate(args)]
+    with bb.function("main", params):
+        gv = bb.add_func(func, func.attrs["global_symbol"])
+        out = bb.emit(relax.call_tir(gv, params, [relax.TensorType(r.shape, "float32") for r in refs]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 def test_quantized_graph_runs_custom_operators():
     """The deployed int8 model's exported graph is mapped onto our TIR kernels."""
     from qso3_tvm.compiler.export import export_energy_forces
@@ -316,7 +382,8 @@ def test_quantized_graph_runs_custom_operators():
     names = {gv.name_hint for gv in import_to_relax(export_energy_forces(deployable(model))).functions}
     assert any(n.startswith("qso3_int8_linear_") for n in names)  # the scalar-branch Linears
     assert {"qso3_l2_attention_2x8", "qso3_l2_attention_backward_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1_geometric", "qso3_messages_16x2",
-            "qso3_messages_backward_16x2"} <= names
+            "qso3_messages_backward_16x2", "qso3_residual_norms_16", "qso3_residual_norms_backward_16", "qso3_gated_update_16",
+            "qso3_gated_update_backward_16"} <= names
     assert any(n.startswith("qso3_scatter_rows_add_float32_") for n in names)  # neighbor sums
 
 

@@ -220,6 +220,45 @@ def _messages_backward(node, imp):
     return _call_kernel(imp.block_builder, backward_func(int(vv.ty.shape[2]), int(alpha.ty.shape[1])), args, outs)
 
 
+def _residual_norms(node, imp):
+    """qso3.residual_norms -> call_tir of its kernel (compiler.kernels.update), the weight transposed (a constant)."""
+    from .kernels.update import residual_norms_func
+
+    bb = imp.block_builder
+    s, ds, v, dv, w = (imp.env[a] for a in node.args)
+    n, F = s.ty.shape
+    wt = bb.emit(relax.op.permute_dims(w, [1, 0]))
+    outs = [relax.TensorType([n, 2 * F], "float32"), relax.TensorType(v.ty.shape, "float32"),
+            relax.TensorType([n, 3, 2 * F], "float32")]
+    return _call_kernel(bb, residual_norms_func(int(F)), [s, ds, v, dv, wt], outs)
+
+
+def _residual_norms_backward(node, imp):
+    from .kernels.update import residual_norms_backward_func
+
+    g_x, g_v1, g_uvvv, x, uvvv, w = args = [imp.env[a] for a in node.args]
+    F = int(g_v1.ty.shape[2])
+    outs = [relax.TensorType([x.ty.shape[0], F], "float32"), relax.TensorType(g_v1.ty.shape, "float32")]
+    return _call_kernel(imp.block_builder, residual_norms_backward_func(F), args, outs)
+
+
+def _gated_update(node, imp):
+    from .kernels.update import gated_update_func
+
+    a, x, v, uvvv = args = [imp.env[a] for a in node.args]
+    outs = [relax.TensorType([x.ty.shape[0], v.ty.shape[2]], "float32"), relax.TensorType(v.ty.shape, "float32")]
+    return _call_kernel(imp.block_builder, gated_update_func(int(v.ty.shape[2])), args, outs)
+
+
+def _gated_update_backward(node, imp):
+    from .kernels.update import gated_update_backward_func
+
+    g_s, g_v, a, uvvv = args = [imp.env[a] for a in node.args]
+    outs = [relax.TensorType(a.ty.shape, "float32"), relax.TensorType([g_s.ty.shape[0], 2 * g_s.ty.shape[1]], "float32"),
+            relax.TensorType(uvvv.ty.shape, "float32")]
+    return _call_kernel(imp.block_builder, gated_update_backward_func(int(g_s.ty.shape[1])), args, outs)
+
+
 def _call_kernel(bb, func, args, outs, name: str | None = None):
     """call_tir of one of our TIR kernels, added to the module under `name` (default: its global symbol)."""
     gv = bb.add_func(func, name or func.attrs["global_symbol"])
@@ -231,6 +270,10 @@ CONVERTERS = {
     "l2_attention_backward.default": _l2_attention_backward,
     "messages.default": _messages,
     "messages_backward.default": _messages_backward,
+    "residual_norms.default": _residual_norms,
+    "residual_norms_backward.default": _residual_norms_backward,
+    "gated_update.default": _gated_update,
+    "gated_update_backward.default": _gated_update_backward,
     "mddq.default": _mddq,
     "mddq_backward.default": _mddq_backward,
     "_int_mm.default": _int_mm,

@@ -152,16 +152,36 @@ class InteractionLayer(nn.Module):
         return w / denom[dst]  # (E, H)
 
     def forward(self, s, v, src, dst, u, rbf, fc):
-        F = self.F
         alpha = self.attention_weights(s, src, dst, fc, s.shape[0])  # (E, H)
         aggregate = getattr(self, "fused_messages", None) or aggregate_messages  # deployment: one custom operator
         ds, dv = aggregate(alpha, self.filter(rbf), self.value(s), self.vec_value(v), u, src, dst)
-        s, v = s + ds, v + dv  # neighbor sums stay in accumulator precision
-        uv, vv = self.vec_uv(v).split(F, dim=-1)
-        a_vv, a_sv, a_ss = self.update(torch.cat([s, torch.sqrt((vv * vv).sum(1) + 1e-8)], -1)).split(F, dim=-1)
-        v = self.hooks.vector(v + a_vv[:, None, :] * uv)
-        s = self.hooks.scalar(s + a_ss + a_sv * (uv * vv).sum(1))
-        return s, v
+        fused = getattr(self, "fused_update", None)  # deployment: custom operators around the update MLP
+        if fused is not None:
+            x, v, uvvv = fused.residual_norms(s, ds, v, dv, self.vec_uv)
+            s, v = fused.gated_update(self.update(x), x, v, uvvv)
+        else:
+            x, v, uvvv = residual_norms(s, ds, v, dv, self.vec_uv)
+            s, v = gated_update(self.update(x), x, v, uvvv)
+        return self.hooks.scalar(s), self.hooks.vector(v)
+
+
+def residual_norms(s, ds, v, dv, vec_uv):
+    """A layer's residual sums and the update MLP's input: s + ds, v + dv (neighbor sums stay in accumulator
+    precision), the channel mixes uvvv = vec_uv(v + dv) (N, 3, 2F) = [uv | vv], and x = [s + ds | |vv|] (N, 2F)."""
+    F = s.shape[1]
+    s, v = s + ds, v + dv
+    uvvv = vec_uv(v)
+    vv = uvvv[..., F:]
+    return torch.cat([s, torch.sqrt((vv * vv).sum(1) + 1e-8)], -1), v, uvvv
+
+
+def gated_update(a, x, v, uvvv):
+    """PaiNN-style gated mixing from the update MLP's output a (N, 3F) = [a_vv | a_sv | a_ss]:
+    s' = s + a_ss + a_sv <uv, vv>, v' = v + a_vv uv (s = x[:, :F], residual_norms' outputs)."""
+    F = v.shape[2]
+    uv, vv = uvvv.split(F, dim=-1)
+    a_vv, a_sv, a_ss = a.split(F, dim=-1)
+    return x[:, :F] + a_ss + a_sv * (uv * vv).sum(1), v + a_vv[:, None, :] * uv
 
 
 class So3krates(nn.Module):

@@ -168,7 +168,8 @@ def parallel_rows(mod):
 
         @staticmethod
         def _big(call):
-            shape = getattr(call.ty, "shape", None)
+            ty = call.ty.fields[0] if isinstance(call.ty, relax.TupleType) else call.ty  # several outputs: the first's rows
+            shape = getattr(ty, "shape", None)
             dims = [d.value if isinstance(d, tirx.IntImm) else None for d in (shape or [])]
             return bool(dims) and None not in dims and math.prod(dims) >= PARALLEL_MIN_ELEMENTS
 
