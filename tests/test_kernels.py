@@ -21,16 +21,19 @@ def asm_of(mod, target) -> str:
 
 @pytest.mark.parametrize("preset, instr", [("x86-avx512", "vpdpbusd"), ("x86-64", None), ("arm64-cortex-a76", "sdot"),
                                            ("arm64-cortex-a72", "smull")])
-@pytest.mark.parametrize("k, n, bounds", [(20, 64, (0, 255, 128)), (64, 192, (-127, 127, 0)), (64, 1, (-127, 127, 0))])
-def test_int8_linear_kernel_matches_torch(preset, instr, k, n, bounds):
+@pytest.mark.parametrize("k, n, bounds, silu", [(20, 64, (0, 255, 128), False), (64, 192, (-127, 127, 0), False),
+                                                (64, 1, (-127, 127, 0), False), (64, 192, (-127, 127, 0), True)])
+def test_int8_linear_kernel_matches_torch(preset, instr, k, n, bounds, silu):
     """The fused int8 Linear (codes, product, scale and bias) against nn.int8.int8_linear: unsigned codes
-    (the radial basis) and signed ones, one output column (padding to the instruction's block), any row count."""
+    (the radial basis) and signed ones, one output column (padding to the instruction's block), any row count,
+    and with the MLP's SiLU folded in (fast exp in the kernel: a code may differ by one where SiLU(x)/s_x lies
+    within float rounding of a rounding boundary)."""
     from qso3_tvm.nn.int8 import int8_linear
 
     spec = resolve_target(preset)
     target = spec.tvm_target()
     kern = dot_kernel(target)
-    lib = tvm.compile(tvm.IRModule({"main": linear_func(k, n, kern, *bounds)}), target=target)
+    lib = tvm.compile(tvm.IRModule({"main": linear_func(k, n, kern, *bounds, silu=silu)}), target=target)
     asm = lib.mod.inspect_source("asm")
     if instr:
         assert instr in asm
@@ -48,7 +51,7 @@ def test_int8_linear_kernel_matches_torch(preset, instr, k, n, bounds):
         out = tvm.runtime.tensor(np.full((m, consts[-1].shape[0]), np.nan, np.float32))
         lib(tvm.runtime.tensor(x), *map(tvm.runtime.tensor, consts), out)
         ref = int8_linear(torch.from_numpy(x), torch.from_numpy(w), torch.tensor(s_x, dtype=torch.float32),
-                          torch.from_numpy(s_w), torch.from_numpy(b), *bounds).numpy()
+                          torch.from_numpy(s_w), torch.from_numpy(b), *bounds, silu=silu).numpy()
         # LLVM may fuse the scale and bias into one multiply-add where torch rounds twice
         np.testing.assert_allclose(out.numpy()[:, :n], ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 

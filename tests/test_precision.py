@@ -196,6 +196,19 @@ def test_float_head_compiles_and_follows_float_head_semantics(tmp_path):
     assert np.abs(f_tvm - f_head).max() < 1e-3 * max(1.0, np.abs(f_head).max())
 
 
+def test_silu_folds_into_the_next_int8_linear():
+    """to_int8 with custom operators folds each MLP's SiLU into the int8 Linear after it (one kernel); energies and
+    forces equal those of the unfolded form (SiLU its own module) up to float rounding."""
+    z, pos = random_molecule(9, seed=5)
+    model = calibrated(QuantConfig(), dtype=torch.float32)
+    folded = to_int8(model)
+    for mlp in (folded.layers[0].filter, folded.layers[0].update):
+        assert isinstance(mlp[1], torch.nn.Identity) and mlp[2].input_silu
+    e_i, f_i = model_energy_forces(to_int8(model, custom_ops=False), z, pos)
+    e_o, f_o = model_energy_forces(folded, z, pos)
+    assert abs(e_o - e_i) < 1e-5 and np.abs(f_o - f_i).max() < 1e-4 * np.abs(f_i).max()
+
+
 def test_int8_backward_products_stay_close_to_float():
     """to_int8's default backward (gradient rows as two int8 code vectors) against the float backward of
     the same int8 model; the custom-operator form gives the same numbers as the plain torch form."""

@@ -143,7 +143,7 @@ def _int8_linear(node, imp, constants: dict, kern=None):
     if any(t is None for t in (w, s_x, s_w, bias)):
         raise QSO3Error("qso3.int8_linear needs constant weight codes, steps and bias (export with the weights as constants)")
     return emit_linear(imp.block_builder, imp.env[node.args[0]], w.numpy(), float(s_x), s_w.numpy(), bias.numpy(),
-                       tuple(node.args[5:8]), kern)
+                       tuple(node.args[5:8]), kern, silu=bool(_arg(node, 8, "silu", False)))
 
 
 def _exported_constants(ep: torch.export.ExportedProgram) -> dict:

@@ -30,10 +30,13 @@ from .model import InteractionLayer
 from .quant import LSQ, MDDQ, FixedGrid, QuantLinear
 
 
-def int8_linear(x, w_codes_t, s_x, s_w, bias, qmin: int, qmax: int, zp: int):
-    """y = (q_x · W_codes) s_x s_w + b with q_x = clamp(floor(x/s_x + 0.5), qmin, qmax), x (rows, in).
+def int8_linear(x, w_codes_t, s_x, s_w, bias, qmin: int, qmax: int, zp: int, silu: bool = False):
+    """y = (q_x · W_codes) s_x s_w + b with q_x = clamp(floor(x/s_x + 0.5), qmin, qmax), x (rows, in) (with
+    `silu`: of SiLU(x), the MLP's activation folded into the Linear after it).
     Unsigned codes (0..255) are shifted by zp = 128 into int8; zp · Σ_k W[k, n] is added back (in
     float: every term is an integer below 2^24, so exact; derived from the codes, not stored)."""
+    if silu:
+        x = nn.functional.silu(x)
     q = (torch.clamp(torch.floor(x / s_x + 0.5), qmin, qmax) - zp).to(torch.int8)
     acc = torch._int_mm(q, w_codes_t).to(x.dtype)  # int8 x int8 -> int32, exact
     if zp:
@@ -46,24 +49,28 @@ class _Int8Linear(torch.autograd.Function):
     straight-through backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, w_codes_t, s_x, s_w, bias, qmin: int, qmax: int, zp: int, forward: str, backward: str):
+    def forward(ctx, x, w_codes_t, s_x, s_w, bias, qmin: int, qmax: int, zp: int, forward: str, backward: str,
+                silu: bool = False):
         ctx.save_for_backward(x, w_codes_t, s_x, s_w)
-        ctx.bounds, ctx.backward = (qmin, qmax), backward
+        ctx.bounds, ctx.backward, ctx.silu = (qmin, qmax), backward, silu
         rows = x.reshape(-1, x.shape[-1])
         if forward == "op":
             from .ops.int8_linear import int8_linear_op
 
-            y = int8_linear_op(rows, w_codes_t, s_x, s_w, bias, qmin, qmax, zp)
+            y = int8_linear_op(rows, w_codes_t, s_x, s_w, bias, qmin, qmax, zp, silu)
         else:
-            y = int8_linear(rows, w_codes_t, s_x, s_w, bias, qmin, qmax, zp)
+            y = int8_linear(rows, w_codes_t, s_x, s_w, bias, qmin, qmax, zp, silu)
         return y.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
         x, w_codes_t, s_x, s_w = ctx.saved_tensors
         qmin, qmax = ctx.bounds
-        u = x / s_x  # the codes' inputs, as the forward computed them
+        u = (nn.functional.silu(x) if ctx.silu else x) / s_x  # the codes' inputs, as the forward computed them
         inside = ((u >= qmin) & (u <= qmax)).to(grad.dtype)
+        if ctx.silu:  # times SiLU'(x), as autograd of SiLU computes it
+            sig = torch.sigmoid(x)
+            inside = inside * (sig * (1 + x * (1 - sig)))
         if ctx.backward == "int8-op":  # the same numbers as one custom operator (one kernel when compiled)
             from .ops.int8_linear import int8_grad_product_op
 
@@ -73,7 +80,7 @@ class _Int8Linear(torch.autograd.Function):
             g_x = int8_grad_product(grad, w_codes_t, s_w)
         else:
             g_x = grad @ (w_codes_t.to(grad.dtype) * s_w).T  # W_q (in, out): the fake-quantized weights
-        return g_x * inside, None, None, None, None, None, None, None, None, None
+        return g_x * inside, None, None, None, None, None, None, None, None, None, None
 
 
 def int8_grad_product(grad, w_codes_t, s_w):
@@ -111,12 +118,13 @@ class Int8Linear(nn.Module):
         self.qmin, self.qmax, self.zp = act.qmin, act.qmax, 0 if act.signed else 128
         self.backward = backward  # "int8", "int8-op" (as a custom operator) or "float"
         self.forward_form = forward  # "torch" (torch._int_mm) or "op" (the custom operator qso3::int8_linear)
+        self.input_silu = False  # True: the Linear of SiLU(x) (fold_silu)
 
     def forward(self, x):
         if self.offset is not None:
             x = x - self.offset
         return _Int8Linear.apply(x, self.w_codes_t, self.s_x, self.s_w, self.bias, self.qmin, self.qmax, self.zp,
-                                 self.forward_form, self.backward)
+                                 self.forward_form, self.backward, self.input_silu)
 
 
 class Int8WeightLinear(nn.Module):
@@ -169,7 +177,21 @@ def to_int8(model: nn.Module, custom_ops: bool = True, backward: str = "int8") -
                 _convert(module, name, child, backward, custom_ops)
             elif isinstance(child, MDDQ) and child.enabled and custom_ops:
                 setattr(module, name, MDDQKernel(child))
-    return out
+    return fold_silu(out) if custom_ops else out
+
+
+def fold_silu(model: nn.Module) -> nn.Module:
+    """`model` (changed in place) with every SiLU that feeds an Int8Linear of the custom operator (in an
+    nn.Sequential MLP) folded into that Linear: one kernel computes SiLU, the codes and the product."""
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            act, linear = seq[i], seq[i + 1]
+            if (isinstance(act, nn.SiLU) and isinstance(linear, Int8Linear) and linear.forward_form == "op"
+                    and linear.offset is None):
+                seq[i], linear.input_silu = nn.Identity(), True
+    return model
 
 
 def _backward_form(layer: QuantLinear, backward: str, custom_ops: bool) -> str:

@@ -62,22 +62,25 @@ def padded_columns(w: np.ndarray, block_n: int) -> np.ndarray:
     return np.concatenate([w, np.zeros((k, -n % block_n), w.dtype)], axis=1)
 
 
-def linear_func(k: int, n: int, kern: DotKernel | None, qmin: int, qmax: int, zp: int):
+def linear_func(k: int, n: int, kern: DotKernel | None, qmin: int, qmax: int, zp: int, silu: bool = False):
     """One kernel for nn.int8.int8_linear: O (M, n') float32 from X (M, k) float32, M symbolic. Per row: the
-    activation codes clamp(floor(X / s_x + 0.5), qmin, qmax) (stored as code - zp + 128 in u8 for VNNI, code - zp
+    activation codes clamp(floor(X / s_x + 0.5), qmin, qmax) (of SiLU(X) with `silu`: the MLP's activation
+    folded into the Linear after it) (stored as code - zp + 128 in u8 for VNNI, code - zp
     in s8 otherwise; `corr` = (that shift) · Σ_k W[k, :] is taken off the int32 sums, exactly), the product
     with the packed weight codes [n'/bn, k/4, bn, 4] (n' = n padded to the block) on the target's dot
     instruction, and O = (C - corr) · (s_x s_w) + b: quantize, int8 GEMM and dequantize in one pass, the
     codes and sums in the row's own buffers. Without a dot instruction (kern None): 16-column int32
     multiply-adds on the same packing."""
-    from tvm import s_tir
+    from tvm import s_tir, tirx
     from tvm.script import tirx as T
 
+    from .fast_math import fast_sigmoid_expr
     from .schedule import _vectorize_innermost
 
     bn, a_dtype = _operands(kern)
     shift = _u8_shift(kern) - zp
     npad = n + (-n % bn)
+    act = (lambda x: x * fast_sigmoid_expr(tirx, x)) if silu else (lambda x: x)  # noqa: E731
 
     @T.prim_func(s_tir=True)
     def lin(x_h: T.handle, s_x: T.Buffer((1,), "float32"), w: T.Buffer((npad // bn, k // 4, bn, 4), "int8"),
@@ -95,7 +98,7 @@ def linear_func(k: int, n: int, kern: DotKernel | None, qmin: int, qmax: int, zp
                 for j in range(k):
                     with T.sblock("codes"):
                         vj = T.axis.spatial(k, j)
-                        A[vj] = T.cast(T.cast(T.max(T.min(T.floor(X[r, vj] / s_x[0] + T.float32(0.5)), T.float32(qmax)),
+                        A[vj] = T.cast(T.cast(T.max(T.min(T.floor(act(X[r, vj]) / s_x[0] + T.float32(0.5)), T.float32(qmax)),
                                                     T.float32(qmin)), "int32") + shift, a_dtype)
                 for kk, j in T.grid(npad, k):
                     with T.sblock("C"):
@@ -112,7 +115,7 @@ def linear_func(k: int, n: int, kern: DotKernel | None, qmin: int, qmax: int, zp
     _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("codes"))[-1])
     _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("out"))[-1])
     _schedule_product(sch, kern, bn)
-    return row_kernel(sch.mod["main"], f"qso3_int8_linear_{k}x{n}" + (f"_{kern.name}" if kern else ""))
+    return row_kernel(sch.mod["main"], f"qso3_int8_linear_{k}x{n}" + ("_silu" if silu else "") + (f"_{kern.name}" if kern else ""))
 
 
 def linear_weights(w_codes_t: np.ndarray, s_x: float, s_w: np.ndarray, bias: np.ndarray, zp: int,
@@ -132,13 +135,13 @@ def linear_weights(w_codes_t: np.ndarray, s_x: float, s_w: np.ndarray, bias: np.
 
 
 def emit_linear(bb, x, w_codes_t: np.ndarray, s_x: float, s_w: np.ndarray, bias: np.ndarray, bounds: tuple[int, int, int],
-                kern: DotKernel | None):
-    """Emit the call of linear_func for rows x (M, k): (M, n) float32. bounds: (qmin, qmax, zp)."""
+                kern: DotKernel | None, silu: bool = False):
+    """Emit the call of linear_func for rows x (M, k): (M, n) float32. bounds: (qmin, qmax, zp); `silu`: of SiLU(x)."""
     from tvm import relax
 
     k, n = w_codes_t.shape
     qmin, qmax, zp = bounds
-    func = linear_func(k, n, kern, qmin, qmax, zp)
+    func = linear_func(k, n, kern, qmin, qmax, zp, silu)
     consts = linear_weights(w_codes_t, s_x, s_w, bias, zp, kern)
     name = func.attrs["global_symbol"] + (f"_u{zp}" if zp else "")
     gv = bb.add_func(func, name)

@@ -16,15 +16,16 @@ import torch
 
 @torch.library.custom_op("qso3::int8_linear", mutates_args=())
 def int8_linear_op(x: torch.Tensor, w_codes_t: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor,
-                   qmin: int, qmax: int, zp: int) -> torch.Tensor:
-    """x (rows, in) float, w_codes_t (in, out) int8, s_x () , s_w (out,), bias (out,) -> (rows, out)."""
+                   qmin: int, qmax: int, zp: int, silu: bool = False) -> torch.Tensor:
+    """x (rows, in) float, w_codes_t (in, out) int8, s_x () , s_w (out,), bias (out,) -> (rows, out); `silu`: the
+    Linear of SiLU(x) (an MLP's activation folded into the Linear after it)."""
     from ..int8 import int8_linear
 
-    return int8_linear(x, w_codes_t, s_x, s_w, bias, qmin, qmax, zp)
+    return int8_linear(x, w_codes_t, s_x, s_w, bias, qmin, qmax, zp, silu)
 
 
 @int8_linear_op.register_fake
-def _(x, w_codes_t, s_x, s_w, bias, qmin, qmax, zp):
+def _(x, w_codes_t, s_x, s_w, bias, qmin, qmax, zp, silu=False):
     return x.new_empty((x.shape[0], w_codes_t.shape[1]))
 
 
