@@ -363,12 +363,64 @@ def _row_kernel_call(func, args, refs):
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    params = [relax.Var(f"x{i}", relax.TensorType(x.shape, "float32")) for i, x in enumerate(args)]
+    params = [relax.Var(f"x{i}", relax.TensorType(x.shape, str(x.dtype))) for i, x in enumerate(args)]
     with bb.function("main", params):
         gv = bb.add_func(func, func.attrs["global_symbol"])
-        out = bb.emit(relax.call_tir(gv, params, [relax.TensorType(r.shape, "float32") for r in refs]))
+        outs = [relax.TensorType(r.shape, "float32") for r in refs]
+        out = bb.emit(relax.call_tir(gv, params, outs if len(outs) > 1 else outs[0]))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def _geometry_case(dtype, n=9, e=40, seed=10):
+    """Positions, senders, receivers (no self edges) and upstream gradients; atom n - 1 is beyond the cutoff of the rest."""
+    rng = np.random.default_rng(seed)
+    pos = rng.normal(size=(n, 3)) * 1.5
+    pos[-1] += 20.0
+    src = rng.integers(0, n, e)
+    dst = (src + 1 + rng.integers(0, n - 1, e)) % n
+    grads = [rng.normal(size=s) for s in ((e, 3), (e,), (e, 20))]
+    return pos.astype(dtype), src, dst, [g.astype(dtype) for g in grads]
+
+
+def test_edge_geometry_operator_equals_model_geometry_and_its_gradient():
+    """qso3.edge_geometry (forward, and its hand-written backward) vs autograd of model.edge_geometry, edges beyond
+    the cutoff (clamped envelope) included."""
+    from qso3_tvm.nn.model import GaussianRBF, edge_geometry
+    from qso3_tvm.nn.ops.geometry import GeometryKernel
+
+    pos, src, dst, grads = _geometry_case(np.float64)
+    rbf = GaussianRBF(20, 5.0).double()
+    results = []
+    for geometry in (edge_geometry, GeometryKernel()):
+        p = torch.from_numpy(pos).requires_grad_(True)
+        outs = geometry(p, torch.from_numpy(src), torch.from_numpy(dst), rbf, 5.0)
+        loss = sum((o * torch.from_numpy(g)).sum() for o, g in zip(outs, grads))
+        results.append([o.detach() for o in outs] + [torch.autograd.grad(loss, p)[0]])
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert (results[0][1] == 0).any() and (results[0][1] > 0).any()  # edges on both sides of the cutoff
+
+
+@pytest.mark.parametrize("e", [40, 4000])  # 4000 edges: rows of the forward on the thread pool (parallel_rows)
+def test_edge_geometry_tir_kernels_match_torch_reference(e):
+    from qso3_tvm.compiler.kernels import geometry
+    from qso3_tvm.compiler.kernels.schedule import parallel_rows
+    from qso3_tvm.nn.model import GaussianRBF
+
+    target = resolve_target("x86-64").tvm_target()
+    pos, src, dst, grads = _geometry_case(np.float32, e=e)
+    rbf = GaussianRBF(20, 5.0)
+    centers, gamma, t = rbf.centers.numpy(), float(rbf.gamma), torch.from_numpy
+    fwd = [t(x) for x in (pos, src, dst, centers)]
+    cases = [(geometry.forward_func(20, gamma, 5.0), [pos, src, dst, centers], torch.ops.qso3.edge_geometry(*fwd, gamma, 5.0)),
+             (geometry.backward_func(20, gamma, 5.0), grads + [pos, src, dst, centers],
+              [torch.ops.qso3.edge_geometry_backward(*map(t, grads), *fwd, gamma, 5.0)])]
+    for func, args, refs in cases:
+        vm = tvm.relax.VirtualMachine(tvm.compile(parallel_rows(_row_kernel_call(func, args, refs)), target=target), tvm.cpu())
+        outs = vm["main"](*(tvm.runtime.tensor(x) for x in args))
+        for out, ref in zip(outs if len(refs) > 1 else [outs], refs):
+            np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=2e-6 * np.abs(ref.numpy()).max())
 
 
 def test_quantized_graph_runs_custom_operators():
@@ -386,7 +438,7 @@ def test_quantized_graph_runs_custom_operators():
     assert any(n.startswith("qso3_int8_linear_") for n in names)  # the scalar-branch Linears
     assert {"qso3_l2_attention_2x8", "qso3_l2_attention_backward_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1_geometric", "qso3_messages_16x2",
             "qso3_messages_backward_16x2", "qso3_residual_norms_16", "qso3_residual_norms_backward_16", "qso3_gated_update_16",
-            "qso3_gated_update_backward_16"} <= names
+            "qso3_gated_update_backward_16", "qso3_edge_geometry_8", "qso3_edge_geometry_backward_8"} <= names
     assert any(n.startswith("qso3_scatter_rows_add_float32_") for n in names)  # neighbor sums
 
 

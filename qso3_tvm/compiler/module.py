@@ -18,6 +18,7 @@ import tvm
 
 from ..graph.convention import ENTRY_POINTS, Bucket, bucket_function
 from ..nn.int8 import to_int8
+from ..nn.ops.geometry import fuse_geometry
 from ..nn.ops.messages import fuse_messages
 from ..nn.ops.update import fuse_update
 from .export import export_energy_forces
@@ -30,12 +31,12 @@ from .targets import TargetSpec
 def deployable(model, spec: TargetSpec | None = None):
     """The module that gets exported: quantized models in their int8 form (int8 weights, int8 GEMMs;
     MDDQ and attention as our TIR operators on CPU targets, generic operators elsewhere); on CPU
-    targets every model's messages and neighbor sums, and its update around the MLP, as our fused TIR operators
-    (nn.ops.messages, nn.ops.update)."""
+    targets every model's messages and neighbor sums, its update around the MLP and its edge geometry as our
+    fused TIR operators (nn.ops.messages, nn.ops.update, nn.ops.geometry)."""
     cpu = spec is None or spec.device == "cpu"
     if getattr(model, "quant_cfg", None) is not None:
         return to_int8(model, custom_ops=cpu, backward=int8_backward(spec))
-    return fuse_update(fuse_messages(copy.deepcopy(model))) if cpu else model
+    return fuse_geometry(fuse_update(fuse_messages(copy.deepcopy(model)))) if cpu else model
 
 
 def int8_backward(spec: TargetSpec | None) -> str:

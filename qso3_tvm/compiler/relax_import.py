@@ -220,6 +220,27 @@ def _messages_backward(node, imp):
     return _call_kernel(imp.block_builder, backward_func(int(vv.ty.shape[2]), int(alpha.ty.shape[1])), args, outs)
 
 
+def _edge_geometry(node, imp):
+    """qso3.edge_geometry -> call_tir of its kernel (compiler.kernels.geometry; basis width and cutoff baked in)."""
+    from .kernels.geometry import forward_func
+
+    pos, src, dst, centers = (imp.env[a] for a in node.args[:4])
+    gamma, cutoff = (float(a) for a in node.args[4:6])
+    e, n_rbf = src.ty.shape[0], int(centers.ty.shape[0])
+    outs = [relax.TensorType([e, 3], "float32"), relax.TensorType([e], "float32"), relax.TensorType([e, n_rbf], "float32")]
+    return _call_kernel(imp.block_builder, forward_func(n_rbf, gamma, cutoff), [pos, src, dst, centers], outs)
+
+
+def _edge_geometry_backward(node, imp):
+    from .kernels.geometry import backward_func
+
+    args = [imp.env[a] for a in node.args[:7]]
+    gamma, cutoff = (float(a) for a in node.args[7:9])
+    pos, centers = args[3], args[6]
+    func = backward_func(int(centers.ty.shape[0]), gamma, cutoff)
+    return _call_kernel(imp.block_builder, func, args, relax.TensorType(pos.ty.shape, "float32"))
+
+
 def _residual_norms(node, imp):
     """qso3.residual_norms -> call_tir of its kernel (compiler.kernels.update), the weight transposed (a constant)."""
     from .kernels.update import residual_norms_func
@@ -270,6 +291,8 @@ CONVERTERS = {
     "l2_attention_backward.default": _l2_attention_backward,
     "messages.default": _messages,
     "messages_backward.default": _messages_backward,
+    "edge_geometry.default": _edge_geometry,
+    "edge_geometry_backward.default": _edge_geometry_backward,
     "residual_norms.default": _residual_norms,
     "residual_norms_backward.default": _residual_norms_backward,
     "gated_update.default": _gated_update,

@@ -155,10 +155,11 @@ def _convert(module: nn.Module, name: str, child: QuantLinear, backward: str, cu
 
 def to_int8(model: nn.Module, custom_ops: bool = True, backward: str = "int8") -> nn.Module:
     """A copy of a fake-quantized model with int8 weights and int8 GEMMs, and MDDQ, the robust
-    attention, the messages and the update as custom operators (compiler.kernels; same outputs up to float summation order).
+    attention, the messages, the update and the edge geometry as custom operators (compiler.kernels; same outputs up to float summation order).
     `custom_ops=False` keeps MDDQ, attention and messages as generic operators (targets with no TIR kernels
     for them: GPUs). `backward`: how the scalar-branch Linears' input gradients are computed (module docstring)."""
     from .ops.attention import L2AttentionKernel
+    from .ops.geometry import fuse_geometry
     from .ops.mddq import MDDQKernel
     from .ops.messages import fuse_messages
     from .ops.update import fuse_update
@@ -167,7 +168,7 @@ def to_int8(model: nn.Module, custom_ops: bool = True, backward: str = "int8") -
         raise ValueError(f"backward must be one of {BACKWARDS}, not {backward!r}")
     out = copy.deepcopy(model).eval()
     if custom_ops:
-        fuse_update(fuse_messages(out))
+        fuse_geometry(fuse_update(fuse_messages(out)))
     for layer in out.modules() if custom_ops else ():
         if isinstance(layer, InteractionLayer) and layer.attention == "l2norm" and _fixed_grid(layer.hooks):
             layer.fused_attention = L2AttentionKernel()

@@ -86,6 +86,15 @@ class GaussianRBF(nn.Module):
         return torch.exp(-self.gamma * (r[:, None] - self.centers) ** 2)
 
 
+def edge_geometry(pos, src, dst, rbf: GaussianRBF, cutoff: float):
+    """Per edge j -> i (i = dst receives from j = src): the unit vector u_ij of r_ij = x_j - x_i (E, 3), the
+    cutoff envelope fc(|r_ij|) (E,) and the radial basis times the envelope (E, n_rbf)."""
+    vec = pos[src] - pos[dst]
+    r = torch.sqrt((vec * vec).sum(-1))
+    fc = polynomial_cutoff(r, cutoff)
+    return vec / r[:, None], fc, rbf(r) * fc[:, None]
+
+
 def mlp(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, n_hidden), nn.SiLU(), nn.Linear(n_hidden, n_out))
 
@@ -196,11 +205,8 @@ class So3krates(nn.Module):
         self.register_buffer("energy_scale", torch.tensor(float(cfg.energy_scale)))
 
     def atomic_energies(self, species, pos, src, dst):
-        vec = pos[src] - pos[dst]  # r_ij, from receiving atom i=dst to neighbor j=src
-        r = torch.sqrt((vec * vec).sum(-1))
-        u = vec / r[:, None]
-        fc = polynomial_cutoff(r, self.cfg.cutoff)
-        rbf = self.rbf(r) * fc[:, None]
+        fused = getattr(self, "fused_geometry", None)  # deployment: one custom operator
+        u, fc, rbf = (fused or edge_geometry)(pos, src, dst, self.rbf, self.cfg.cutoff)
         s = self.embed(species)
         v = s.new_zeros(s.shape[0], 3, s.shape[1])
         for layer in self.layers:

@@ -23,19 +23,21 @@ def _fast_sigmoid(bb, call):
     return bb.call_te(sigmoid, call.args[0])
 
 
-def fast_sigmoid_expr(tir, x):
-    """1 / (1 + fast_exp(-x)) as a PrimExpr, the same formula as topi.fast_exp (for our own kernels: SiLU inputs
-    of the int8 Linears, compiler.kernels.int8_matmul)."""
+def fast_exp_expr(tir, x):
+    """exp(x) as a PrimExpr with topi.fast_exp's formula, for our own kernels (vectorizable: no libm call)."""
     f = lambda c: tir.const(c, "float32")  # noqa: E731
-    z = -x
-    zc = tir.max(tir.min(z, f(88.3762626647950)), f(-88.3762626647949))
-    n = tir.floor(zc * f(1.44269504088896341) + f(0.5))
-    r = zc - n * f(0.693147180559945)
+    xc = tir.max(tir.min(x, f(88.3762626647950)), f(-88.3762626647949))
+    n = tir.floor(xc * f(1.44269504088896341) + f(0.5))
+    r = xc - n * f(0.693147180559945)
     poly = (((((f(1.9875691500e-4) * r + f(1.3981999507e-3)) * r + f(8.3334519073e-3)) * r + f(4.1665795894e-2)) * r
              + f(1.6666665459e-1)) * r + f(5.0000001201e-1))
-    y = poly * r * r + r + f(1.0)
     two_n = tir.reinterpret("float32", tir.shift_left(tir.Cast("int32", n + f(127.0)), tir.const(23, "int32")))
-    return f(1.0) / (f(1.0) + tir.max(two_n * y, z))
+    return tir.max(two_n * (poly * r * r + r + f(1.0)), x)
+
+
+def fast_sigmoid_expr(tir, x):
+    """1 / (1 + exp(-x)) with fast_exp_expr (SiLU inputs of the int8 Linears, compiler.kernels.int8_matmul)."""
+    return tir.const(1.0, "float32") / (tir.const(1.0, "float32") + fast_exp_expr(tir, -x))
 
 
 CPU_LEGALIZE = {"relax.exp": _fast_exp, "relax.sigmoid": _fast_sigmoid}
