@@ -326,8 +326,8 @@ def test_update_operators_equal_model_update_and_their_gradient():
     results = []
     for norms, gate in ((residual_norms, gated_update), (UpdateKernels().residual_norms, UpdateKernels().gated_update)):
         xs = [t.clone().requires_grad_(True) for t in inputs + [a0]]
-        x, v1, uvvv = norms(*xs[:4], linear)
-        s2, v2 = gate(torch.tanh(x @ mix) + xs[4], x, v1, uvvv)
+        x, s1, v1, uvvv = norms(*xs[:4], linear)
+        s2, v2 = gate(torch.tanh(x @ mix) + xs[4], s1, v1, uvvv)
         results.append((s2.detach(), v2.detach(), *torch.autograd.grad((s2 * g[0]).sum() + (v2 * g[1]).sum(), xs)))
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
@@ -343,11 +343,11 @@ def test_update_tir_kernels_match_torch_reference(n):
     s, ds, v, dv, w, a = _update_case(np.float32, n=n)
     rng = np.random.default_rng(9)
     t = torch.from_numpy
-    x, v1, uvvv = (r.numpy() for r in torch.ops.qso3.residual_norms(t(s), t(ds), t(v), t(dv), t(w)))
+    x, s1, v1, uvvv = (r.numpy() for r in torch.ops.qso3.residual_norms(t(s), t(ds), t(v), t(dv), t(w)))
     g_x, g_v1, g_u, g_s, g_v = (rng.normal(size=r.shape).astype(np.float32) for r in (x, v1, uvvv, s, v))
     cases = [(update.residual_norms_func(16), [s, ds, v, dv, np.ascontiguousarray(w.T)], [s, ds, v, dv, w], "residual_norms"),
-             (update.residual_norms_backward_func(16), [g_x, g_v1, g_u, x, uvvv, w], None, "residual_norms_backward"),
-             (update.gated_update_func(16), [a, x, v1, uvvv], None, "gated_update"),
+             (update.residual_norms_backward_func(16), [g_x, g_s, g_v1, g_u, x, uvvv, w], None, "residual_norms_backward"),
+             (update.gated_update_func(16), [a, s1, v1, uvvv], None, "gated_update"),
              (update.gated_update_backward_func(16), [g_s, g_v, a, uvvv], None, "gated_update_backward")]
     for func, args, torch_args, op in cases:
         refs = getattr(torch.ops.qso3, op)(*(t(x) for x in (torch_args or args)))
@@ -444,17 +444,20 @@ def test_quantized_graph_runs_custom_operators():
 
 @pytest.mark.parametrize("preset, instr", [("x86-avx512", "vpdpbusd"), ("x86-64", None), ("arm64-cortex-a76", "sdot"),
                                            ("arm64-cortex-a72", "smull")])
-def test_int8_grad_product_kernel_matches_torch(preset, instr):
-    """The fused int8 backward product (row steps, two int8 code vectors, both products) against
-    nn.int8.int8_grad_product; N = 20 outputs exercise the padding to the instruction's block."""
+@pytest.mark.parametrize("silu", [False, True])
+def test_int8_grad_product_kernel_matches_torch(preset, instr, silu):
+    """The fused int8 backward product (row steps, two int8 code vectors, both products, the input's straight-through
+    mask, SiLU' with `silu`) against nn.ops.int8_linear.int8_grad_product_op; N = 20 outputs exercise the padding to
+    the instruction's block."""
     from qso3_tvm.compiler.kernels.int8_matmul import grad_product_func, grad_product_weights
-    from qso3_tvm.nn.int8 import int8_grad_product
+    from qso3_tvm.nn.int8 import input_grad_mask, int8_grad_product
+    from qso3_tvm.nn.ops.int8_linear import int8_grad_product_op
 
     spec = resolve_target(preset)
     target = spec.tvm_target()
     kern = dot_kernel(target)
     n, k, m = 64, 20, 37
-    lib = tvm.compile(tvm.IRModule({"main": grad_product_func(n, k, kern)}), target=target)
+    lib = tvm.compile(tvm.IRModule({"main": grad_product_func(n, k, kern, -127, 127, silu)}), target=target)
     if instr:
         assert instr in lib.mod.inspect_source("asm")
     if not spec.local:
@@ -463,12 +466,17 @@ def test_int8_grad_product_kernel_matches_torch(preset, instr):
     g[5] = 0  # a row with no gradient (a padding atom) stays zero
     w = RNG.integers(-127, 128, (k, n)).astype(np.int8)
     s_w = (RNG.random(n) * 0.01 + 1e-3).astype(np.float32)
+    x, s_x = (RNG.standard_normal((m, k)) * 2).astype(np.float32), np.array([0.013], np.float32)  # |x / s_x| > 127 often
     packed, corr = grad_product_weights(w, kern)
     out = tvm.runtime.tensor(np.full((m, corr.shape[0]), np.nan, np.float32))
-    lib(tvm.runtime.tensor(g), tvm.runtime.tensor(s_w), tvm.runtime.tensor(packed), tvm.runtime.tensor(corr), out)
+    lib(*map(tvm.runtime.tensor, (g, s_w, packed, corr, x, s_x)), out)
     got = out.numpy()[:, :k]
-    ref = int8_grad_product(torch.from_numpy(g), torch.from_numpy(w), torch.from_numpy(s_w)).numpy()
-    exact = g @ (w.astype(np.float32) * s_w).T
+    t = torch.from_numpy
+    ref = int8_grad_product_op(t(g), t(w), t(s_w), t(x), t(s_x).reshape(()), -127, 127, silu).numpy()
+    mask = input_grad_mask(t(x), t(s_x).reshape(()), -127, 127, silu).numpy()
+    assert 0.1 < (mask == 0).mean() < 0.9
+    exact = g @ (w.astype(np.float32) * s_w).T * mask
+    assert np.abs(int8_grad_product(t(g), t(w), t(s_w)).numpy() * mask - ref).max() == 0
     assert np.all(got[5] == 0)
     # LLVM may fuse a multiply-add where torch rounds twice: a low code can differ by one (1/254 of a step)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())

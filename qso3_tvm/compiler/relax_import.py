@@ -128,10 +128,11 @@ def _int8_grad_product(node, imp, constants: dict, kern=None):
     exported program (`constants`: placeholder name -> tensor); the importer binds them only afterwards."""
     from .kernels.int8_matmul import emit_grad_product
 
-    w = constants.get(node.args[1].name)
-    if w is None:
-        raise QSO3Error("qso3.int8_grad_product needs constant weight codes (export with the weights as constants)")
-    return emit_grad_product(imp.block_builder, imp.env[node.args[0]], imp.env[node.args[2]], w.numpy(), kern)
+    w, s_x = constants.get(node.args[1].name), constants.get(node.args[4].name)
+    if w is None or s_x is None:
+        raise QSO3Error("qso3.int8_grad_product needs constant weight codes and input step (export with the weights as constants)")
+    g, s_w, x = (imp.env[node.args[i]] for i in (0, 2, 3))
+    return emit_grad_product(imp.block_builder, g, s_w, w.numpy(), kern, x, float(s_x), tuple(node.args[5:8]))
 
 
 def _int8_linear(node, imp, constants: dict, kern=None):
@@ -249,25 +250,25 @@ def _residual_norms(node, imp):
     s, ds, v, dv, w = (imp.env[a] for a in node.args)
     n, F = s.ty.shape
     wt = bb.emit(relax.op.permute_dims(w, [1, 0]))
-    outs = [relax.TensorType([n, 2 * F], "float32"), relax.TensorType(v.ty.shape, "float32"),
-            relax.TensorType([n, 3, 2 * F], "float32")]
+    outs = [relax.TensorType([n, 2 * F], "float32"), relax.TensorType(s.ty.shape, "float32"),
+            relax.TensorType(v.ty.shape, "float32"), relax.TensorType([n, 3, 2 * F], "float32")]
     return _call_kernel(bb, residual_norms_func(int(F)), [s, ds, v, dv, wt], outs)
 
 
 def _residual_norms_backward(node, imp):
     from .kernels.update import residual_norms_backward_func
 
-    g_x, g_v1, g_uvvv, x, uvvv, w = args = [imp.env[a] for a in node.args]
+    g_x, g_s1, g_v1, g_uvvv, x, uvvv, w = args = [imp.env[a] for a in node.args]
     F = int(g_v1.ty.shape[2])
-    outs = [relax.TensorType([x.ty.shape[0], F], "float32"), relax.TensorType(g_v1.ty.shape, "float32")]
+    outs = [relax.TensorType(g_s1.ty.shape, "float32"), relax.TensorType(g_v1.ty.shape, "float32")]
     return _call_kernel(imp.block_builder, residual_norms_backward_func(F), args, outs)
 
 
 def _gated_update(node, imp):
     from .kernels.update import gated_update_func
 
-    a, x, v, uvvv = args = [imp.env[a] for a in node.args]
-    outs = [relax.TensorType([x.ty.shape[0], v.ty.shape[2]], "float32"), relax.TensorType(v.ty.shape, "float32")]
+    a, s, v, uvvv = args = [imp.env[a] for a in node.args]
+    outs = [relax.TensorType(s.ty.shape, "float32"), relax.TensorType(v.ty.shape, "float32")]
     return _call_kernel(imp.block_builder, gated_update_func(int(v.ty.shape[2])), args, outs)
 
 
@@ -275,8 +276,7 @@ def _gated_update_backward(node, imp):
     from .kernels.update import gated_update_backward_func
 
     g_s, g_v, a, uvvv = args = [imp.env[a] for a in node.args]
-    outs = [relax.TensorType(a.ty.shape, "float32"), relax.TensorType([g_s.ty.shape[0], 2 * g_s.ty.shape[1]], "float32"),
-            relax.TensorType(uvvv.ty.shape, "float32")]
+    outs = [relax.TensorType(a.ty.shape, "float32"), relax.TensorType(uvvv.ty.shape, "float32")]
     return _call_kernel(imp.block_builder, gated_update_backward_func(int(g_s.ty.shape[1])), args, outs)
 
 

@@ -66,21 +66,28 @@ class _Int8Linear(torch.autograd.Function):
     def backward(ctx, grad):
         x, w_codes_t, s_x, s_w = ctx.saved_tensors
         qmin, qmax = ctx.bounds
-        u = (nn.functional.silu(x) if ctx.silu else x) / s_x  # the codes' inputs, as the forward computed them
-        inside = ((u >= qmin) & (u <= qmax)).to(grad.dtype)
-        if ctx.silu:  # times SiLU'(x), as autograd of SiLU computes it
-            sig = torch.sigmoid(x)
-            inside = inside * (sig * (1 + x * (1 - sig)))
         if ctx.backward == "int8-op":  # the same numbers as one custom operator (one kernel when compiled)
             from .ops.int8_linear import int8_grad_product_op
 
-            rows = grad.reshape(-1, grad.shape[-1])
-            g_x = int8_grad_product_op(rows, w_codes_t, s_w).reshape(*grad.shape[:-1], -1)
-        elif ctx.backward == "int8":
+            rows, x_rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            g_x = int8_grad_product_op(rows, w_codes_t, s_w, x_rows, s_x, qmin, qmax, ctx.silu).reshape(x.shape)
+            return g_x, None, None, None, None, None, None, None, None, None, None
+        if ctx.backward == "int8":
             g_x = int8_grad_product(grad, w_codes_t, s_w)
         else:
             g_x = grad @ (w_codes_t.to(grad.dtype) * s_w).T  # W_q (in, out): the fake-quantized weights
-        return g_x * inside, None, None, None, None, None, None, None, None, None, None
+        return g_x * input_grad_mask(x, s_x, qmin, qmax, ctx.silu), None, None, None, None, None, None, None, None, None, None
+
+
+def input_grad_mask(x, s_x, qmin: int, qmax: int, silu: bool):
+    """The straight-through factor of an int8 Linear's input gradient: 1 where the codes' input (x / s_x, of
+    SiLU(x) with `silu`) lies within [qmin, qmax], else 0; with `silu` times SiLU'(x) as autograd computes it."""
+    u = (nn.functional.silu(x) if silu else x) / s_x  # the codes' inputs, as the forward computed them
+    inside = ((u >= qmin) & (u <= qmax)).to(x.dtype)
+    if silu:
+        sig = torch.sigmoid(x)
+        inside = inside * (sig * (1 + x * (1 - sig)))
+    return inside
 
 
 def int8_grad_product(grad, w_codes_t, s_w):

@@ -166,31 +166,31 @@ class InteractionLayer(nn.Module):
         ds, dv = aggregate(alpha, self.filter(rbf), self.value(s), self.vec_value(v), u, src, dst)
         fused = getattr(self, "fused_update", None)  # deployment: custom operators around the update MLP
         if fused is not None:
-            x, v, uvvv = fused.residual_norms(s, ds, v, dv, self.vec_uv)
-            s, v = fused.gated_update(self.update(x), x, v, uvvv)
+            x, s, v, uvvv = fused.residual_norms(s, ds, v, dv, self.vec_uv)
+            s, v = fused.gated_update(self.update(x), s, v, uvvv)
         else:
-            x, v, uvvv = residual_norms(s, ds, v, dv, self.vec_uv)
-            s, v = gated_update(self.update(x), x, v, uvvv)
+            x, s, v, uvvv = residual_norms(s, ds, v, dv, self.vec_uv)
+            s, v = gated_update(self.update(x), s, v, uvvv)
         return self.hooks.scalar(s), self.hooks.vector(v)
 
 
 def residual_norms(s, ds, v, dv, vec_uv):
-    """A layer's residual sums and the update MLP's input: s + ds, v + dv (neighbor sums stay in accumulator
-    precision), the channel mixes uvvv = vec_uv(v + dv) (N, 3, 2F) = [uv | vv], and x = [s + ds | |vv|] (N, 2F)."""
+    """A layer's residual sums and the update MLP's input: x = [s + ds | |vv|] (N, 2F), s + ds, v + dv (neighbor
+    sums stay in accumulator precision) and the channel mixes uvvv = vec_uv(v + dv) (N, 3, 2F) = [uv | vv]."""
     F = s.shape[1]
     s, v = s + ds, v + dv
     uvvv = vec_uv(v)
     vv = uvvv[..., F:]
-    return torch.cat([s, torch.sqrt((vv * vv).sum(1) + 1e-8)], -1), v, uvvv
+    return torch.cat([s, torch.sqrt((vv * vv).sum(1) + 1e-8)], -1), s, v, uvvv
 
 
-def gated_update(a, x, v, uvvv):
+def gated_update(a, s, v, uvvv):
     """PaiNN-style gated mixing from the update MLP's output a (N, 3F) = [a_vv | a_sv | a_ss]:
-    s' = s + a_ss + a_sv <uv, vv>, v' = v + a_vv uv (s = x[:, :F], residual_norms' outputs)."""
+    s' = s + a_ss + a_sv <uv, vv>, v' = v + a_vv uv (s, v, uvvv: residual_norms' outputs)."""
     F = v.shape[2]
     uv, vv = uvvv.split(F, dim=-1)
     a_vv, a_sv, a_ss = a.split(F, dim=-1)
-    return x[:, :F] + a_ss + a_sv * (uv * vv).sum(1), v + a_vv[:, None, :] * uv
+    return s + a_ss + a_sv * (uv * vv).sum(1), v + a_vv[:, None, :] * uv
 
 
 class So3krates(nn.Module):

@@ -152,30 +152,34 @@ def emit_linear(bb, x, w_codes_t: np.ndarray, s_x: float, s_w: np.ndarray, bias:
     return out
 
 
-def grad_product_func(n: int, k: int, kern: DotKernel | None):
-    """One kernel for nn.int8.int8_grad_product: O (M, k') float32 from G (M, n) float32 (the gradient of a
-    Linear's n outputs), its per-output steps s_w (n,) and its weight codes, M symbolic. Per row: the step
-    max |G ⊙ s_w| / 127, two int8 code vectors (hi, lo), both products with the weight codes in int32 and
-    O = (acc_hi + acc_lo / 254) · step. The codes and accumulators are one row long (the row block's own
+def grad_product_func(n: int, k: int, kern: DotKernel | None, qmin: int, qmax: int, silu: bool):
+    """One kernel for nn.ops.int8_linear.int8_grad_product_op: O (M, k') float32 from G (M, n) float32 (the gradient
+    of a Linear's n outputs), its per-output steps s_w (n,), its weight codes and its input X (M, k) with step s_x,
+    M symbolic. Per row: the step max |G ⊙ s_w| / 127, two int8 code vectors (hi, lo), both products with the weight
+    codes in int32 and O = (acc_hi + acc_lo / 254) · step · mask, the straight-through mask of X (nn.int8.input_grad_mask:
+    X / s_x within [qmin, qmax], of SiLU(X) times SiLU'(X) with `silu`). The codes and accumulators are one row long (the row block's own
     buffers). With a dot-product kernel the products are tensorized as in linear_func: the weights come as
     W^T (n, k) packed [k'/bn, n/4, bn, 4] (k' = k padded to the block), and u8 codes (+128) are corrected
     by `corr` = 128·Σ_j W^T[j, :]. Without one (kern None): the same packing with 16 columns, signed codes,
     corr = 0, int32 vector multiply-adds."""
-    from tvm import s_tir
+    from tvm import s_tir, tirx
     from tvm.script import tirx as T
 
+    from .fast_math import fast_sigmoid_expr
     from .schedule import _vectorize_innermost
 
     bn, a_dtype = _operands(kern)
     zp = _u8_shift(kern)
     kp = k + (-k % bn)
+    mask = lambda x, s: _input_mask(tirx, x, s, qmin, qmax, silu, fast_sigmoid_expr)  # noqa: E731
 
     @T.prim_func(s_tir=True)
     def gp(g_h: T.handle, s_w: T.Buffer((n,), "float32"), w: T.Buffer((kp // bn, n // 4, bn, 4), "int8"),
-           corr: T.Buffer((kp,), "int32"), o_h: T.handle):
+           corr: T.Buffer((kp,), "int32"), x_h: T.handle, s_x: T.Buffer((1,), "float32"), o_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
         G = T.match_buffer(g_h, (m, n), "float32")
+        X = T.match_buffer(x_h, (m, k), "float32")
         O = T.match_buffer(o_h, (m, kp), "float32")
         for i in range(m):
             with T.sblock("row"):  # one row's step, codes and accumulators live in the row's own buffers
@@ -209,7 +213,7 @@ def grad_product_func(n: int, k: int, kern: DotKernel | None):
                     with T.sblock("out"):
                         vk = T.axis.spatial(kp, kk)
                         O[r, vk] = ((T.cast(C[0, vk] - corr[vk], "float32") + T.cast(C[1, vk] - corr[vk], "float32") / T.float32(254))
-                                    * (T.max(amax[0], T.float32(1e-30)) / T.float32(127)))
+                                    * (T.max(amax[0], T.float32(1e-30)) / T.float32(127))) * mask(X[r, T.min(vk, k - 1)], s_x[0])
 
     sch = s_tir.Schedule(gp)
     if n % 16 == 0:  # the row maximum in 16 lanes, then across them
@@ -220,7 +224,17 @@ def grad_product_func(n: int, k: int, kern: DotKernel | None):
     _vectorize_innermost(sch, sch.get_loops(codes)[-1])
     _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("out"))[-1])
     _schedule_product(sch, kern, bn, code_vectors=True)
-    return row_kernel(sch.mod["main"], f"qso3_int8_grad_product_{n}x{k}" + (f"_{kern.name}" if kern else ""))
+    name = f"qso3_int8_grad_product_{n}x{k}" + ("_silu" if silu else "") + (f"_{kern.name}" if kern else "")
+    return row_kernel(sch.mod["main"], name)
+
+
+def _input_mask(tir, x, s_x, qmin: int, qmax: int, silu: bool, sigmoid):
+    """nn.int8.input_grad_mask of one input element (PrimExprs; `sigmoid`: fast_math.fast_sigmoid_expr)."""
+    f = lambda c: tir.const(c, "float32")  # noqa: E731
+    sig = sigmoid(tir, x) if silu else None
+    u = (x * sig if silu else x) / s_x
+    inside = tir.Select(tir.all(u >= f(qmin), u <= f(qmax)), f(1.0), f(0.0))
+    return inside * (sig * (f(1.0) + x * (f(1.0) - sig))) if silu else inside
 
 
 def _schedule_product(sch, kern: DotKernel | None, bn: int, code_vectors: bool = False) -> None:
@@ -251,16 +265,17 @@ def _code(T, u, part):
     return T.if_then_else(part == 0, hi, T.floor((u - hi) * T.float32(254) + T.float32(0.5)))
 
 
-def emit_grad_product(bb, g, s_w, w_codes_t: np.ndarray, kern: DotKernel | None):
-    """Emit the call of grad_product_func for gradient rows g (M, n), steps s_w (n,) and weight codes
-    w_codes_t (k, n): (M, k) float32."""
+def emit_grad_product(bb, g, s_w, w_codes_t: np.ndarray, kern: DotKernel | None, x, s_x: float, masking: tuple[int, int, bool]):
+    """Emit the call of grad_product_func for gradient rows g (M, n), steps s_w (n,), weight codes w_codes_t (k, n)
+    and the Linear's input rows x (M, k) with step s_x: (M, k) float32. masking: (qmin, qmax, silu)."""
     from tvm import relax
 
     k, n = w_codes_t.shape
-    func = grad_product_func(n, k, kern)
+    func = grad_product_func(n, k, kern, *masking)
     packed, corr = grad_product_weights(w_codes_t, kern)
     gv = bb.add_func(func, func.attrs["global_symbol"])
-    out = bb.emit(relax.call_tir(gv, [g, s_w, relax.const(packed), relax.const(corr)],
+    args = [g, s_w, relax.const(packed), relax.const(corr), x, relax.const(np.array([s_x], np.float32))]
+    out = bb.emit(relax.call_tir(gv, args,
                                  relax.TensorType([g.ty.shape[0], corr.shape[0]], "float32")))
     if corr.shape[0] != k:
         out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[k]))

@@ -13,14 +13,14 @@ from .schedule import row_kernel
 
 
 def residual_norms_func(channels: int):
-    """(s, ds (n, F), v, dv (n, 3, F), W^T (F, 2F)) -> x (n, 2F) = [s + ds | |vv|], v + dv, uvvv (n, 3, 2F)."""
+    """(s, ds (n, F), v, dv (n, 3, F), W^T (F, 2F)) -> x (n, 2F) = [s + ds | |vv|], s + ds, v + dv, uvvv (n, 3, 2F)."""
     from tvm.script import tirx as T
 
     F = channels
 
     @T.prim_func(s_tir=True)
     def residual_norms(s_h: T.handle, ds_h: T.handle, v_h: T.handle, dv_h: T.handle, wt: T.Buffer((F, 2 * F), "float32"),
-                       x_h: T.handle, v1_h: T.handle, uvvv_h: T.handle):
+                       x_h: T.handle, s1_h: T.handle, v1_h: T.handle, uvvv_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         n = T.int64()
         s = T.match_buffer(s_h, (n, F), "float32")
@@ -28,6 +28,7 @@ def residual_norms_func(channels: int):
         v = T.match_buffer(v_h, (n, 3, F), "float32")
         dv = T.match_buffer(dv_h, (n, 3, F), "float32")
         x = T.match_buffer(x_h, (n, 2 * F), "float32")
+        s1 = T.match_buffer(s1_h, (n, F), "float32")
         v1 = T.match_buffer(v1_h, (n, 3, F), "float32")
         uvvv = T.match_buffer(uvvv_h, (n, 3, 2 * F), "float32")
         for i in range(n):
@@ -37,6 +38,7 @@ def residual_norms_func(channels: int):
                 vr = T.sblock_alloc_buffer((3, F), "float32")  # v + dv (the row block reads none of its outputs)
                 for c in T.vectorized(F):
                     x[r, c] = s[r, c] + ds[r, c]
+                    s1[r, c] = s[r, c] + ds[r, c]
                 for k in range(3):
                     for c in T.vectorized(F):
                         vr[k, c] = v[r, k, c] + dv[r, k, c]
@@ -56,17 +58,18 @@ def residual_norms_func(channels: int):
 
 
 def residual_norms_backward_func(channels: int):
-    """(g_x (n, 2F), g_v1 (n, 3, F), g_uvvv (n, 3, 2F), x, uvvv, W (2F, F)) -> g_s (n, F), g_v (n, 3, F)."""
+    """(g_x (n, 2F), g_s1 (n, F), g_v1 (n, 3, F), g_uvvv (n, 3, 2F), x, uvvv, W (2F, F)) -> g_s (n, F), g_v (n, 3, F)."""
     from tvm.script import tirx as T
 
     F = channels
 
     @T.prim_func(s_tir=True)
-    def residual_norms_bwd(gx_h: T.handle, gv1_h: T.handle, gu_h: T.handle, x_h: T.handle, uvvv_h: T.handle,
-                           w: T.Buffer((2 * F, F), "float32"), gs_h: T.handle, gv_h: T.handle):
+    def residual_norms_bwd(gx_h: T.handle, gs1_h: T.handle, gv1_h: T.handle, gu_h: T.handle, x_h: T.handle,
+                           uvvv_h: T.handle, w: T.Buffer((2 * F, F), "float32"), gs_h: T.handle, gv_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         n = T.int64()
         g_x = T.match_buffer(gx_h, (n, 2 * F), "float32")
+        g_s1 = T.match_buffer(gs1_h, (n, F), "float32")
         g_v1 = T.match_buffer(gv1_h, (n, 3, F), "float32")
         g_uvvv = T.match_buffer(gu_h, (n, 3, 2 * F), "float32")
         x = T.match_buffer(x_h, (n, 2 * F), "float32")
@@ -79,7 +82,7 @@ def residual_norms_backward_func(channels: int):
                 t = T.sblock_alloc_buffer((3, 2 * F), "float32")  # the gradient of uvvv, the norm's share added
                 acc = T.sblock_alloc_buffer((3, F), "float32")
                 for c in T.vectorized(F):
-                    g_s[r, c] = g_x[r, c]
+                    g_s[r, c] = g_x[r, c] + g_s1[r, c]
                 for k in range(3):
                     for c in T.vectorized(F):
                         t[k, c] = g_uvvv[r, k, c]
@@ -96,17 +99,17 @@ def residual_norms_backward_func(channels: int):
 
 
 def gated_update_func(channels: int):
-    """(a (n, 3F), x (n, 2F), v (n, 3, F), uvvv (n, 3, 2F)) -> s' (n, F), v' (n, 3, F)."""
+    """(a (n, 3F), s (n, F), v (n, 3, F), uvvv (n, 3, 2F)) -> s' (n, F), v' (n, 3, F)."""
     from tvm.script import tirx as T
 
     F = channels
 
     @T.prim_func(s_tir=True)
-    def gated_update(a_h: T.handle, x_h: T.handle, v_h: T.handle, uvvv_h: T.handle, s2_h: T.handle, v2_h: T.handle):
+    def gated_update(a_h: T.handle, s_h: T.handle, v_h: T.handle, uvvv_h: T.handle, s2_h: T.handle, v2_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         n = T.int64()
         a = T.match_buffer(a_h, (n, 3 * F), "float32")
-        x = T.match_buffer(x_h, (n, 2 * F), "float32")
+        s = T.match_buffer(s_h, (n, F), "float32")
         v = T.match_buffer(v_h, (n, 3, F), "float32")
         uvvv = T.match_buffer(uvvv_h, (n, 3, 2 * F), "float32")
         s2 = T.match_buffer(s2_h, (n, F), "float32")
@@ -115,7 +118,7 @@ def gated_update_func(channels: int):
             with T.sblock("row"):
                 r = T.axis.spatial(n, i)
                 for c in T.vectorized(F):
-                    s2[r, c] = x[r, c] + a[r, 2 * F + c] + a[r, F + c] * (
+                    s2[r, c] = s[r, c] + a[r, 2 * F + c] + a[r, F + c] * (
                         uvvv[r, 0, c] * uvvv[r, 0, F + c] + uvvv[r, 1, c] * uvvv[r, 1, F + c] + uvvv[r, 2, c] * uvvv[r, 2, F + c])
                 for k in range(3):
                     for c in T.vectorized(F):
@@ -125,14 +128,14 @@ def gated_update_func(channels: int):
 
 
 def gated_update_backward_func(channels: int):
-    """(g_s (n, F), g_v (n, 3, F), a (n, 3F), uvvv (n, 3, 2F)) -> g_a (n, 3F), g_x (n, 2F), g_uvvv (n, 3, 2F)."""
+    """(g_s (n, F), g_v (n, 3, F), a (n, 3F), uvvv (n, 3, 2F)) -> g_a (n, 3F), g_uvvv (n, 3, 2F)."""
     from tvm.script import tirx as T
 
     F = channels
 
     @T.prim_func(s_tir=True)
     def gated_update_bwd(gs_h: T.handle, gv_h: T.handle, a_h: T.handle, uvvv_h: T.handle, ga_h: T.handle,
-                         gx_h: T.handle, gu_h: T.handle):
+                         gu_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         n = T.int64()
         g_s = T.match_buffer(gs_h, (n, F), "float32")
@@ -140,7 +143,6 @@ def gated_update_backward_func(channels: int):
         a = T.match_buffer(a_h, (n, 3 * F), "float32")
         uvvv = T.match_buffer(uvvv_h, (n, 3, 2 * F), "float32")
         g_a = T.match_buffer(ga_h, (n, 3 * F), "float32")
-        g_x = T.match_buffer(gx_h, (n, 2 * F), "float32")
         g_uvvv = T.match_buffer(gu_h, (n, 3, 2 * F), "float32")
         for i in range(n):
             with T.sblock("row"):
@@ -150,8 +152,6 @@ def gated_update_backward_func(channels: int):
                     g_a[r, F + c] = g_s[r, c] * (uvvv[r, 0, c] * uvvv[r, 0, F + c] + uvvv[r, 1, c] * uvvv[r, 1, F + c]
                                                  + uvvv[r, 2, c] * uvvv[r, 2, F + c])
                     g_a[r, 2 * F + c] = g_s[r, c]
-                    g_x[r, c] = g_s[r, c]
-                    g_x[r, F + c] = T.float32(0)
                 for k in range(3):
                     for c in T.vectorized(F):
                         g_uvvv[r, k, c] = g_v[r, k, c] * a[r, c] + g_s[r, c] * a[r, F + c] * uvvv[r, k, F + c]

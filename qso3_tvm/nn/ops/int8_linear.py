@@ -1,7 +1,8 @@
 """A scalar-branch int8 Linear as two torch custom operators (the eager references; nn.int8 defines the
 numerics):
   qso3::int8_linear         forward: activation codes, int8 × int8 → int32 product, scale and bias
-  qso3::int8_grad_product   backward: g · W_q^T with the gradient rows as two int8 code vectors
+  qso3::int8_grad_product   backward: g · W_q^T with the gradient rows as two int8 code vectors, times the
+                            straight-through mask of the input
 
 nn.int8.to_int8(custom_ops=True) makes Int8Linear call them, so the exported graph holds one node per
 forward and per backward product, which compiler.relax_import maps to one TIR kernel each
@@ -30,13 +31,15 @@ def _(x, w_codes_t, s_x, s_w, bias, qmin, qmax, zp, silu=False):
 
 
 @torch.library.custom_op("qso3::int8_grad_product", mutates_args=())
-def int8_grad_product_op(grad: torch.Tensor, w_codes_t: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
-    """grad (rows, out), w_codes_t (in, out) int8, s_w (out,) -> (rows, in)."""
-    from ..int8 import int8_grad_product
+def int8_grad_product_op(grad: torch.Tensor, w_codes_t: torch.Tensor, s_w: torch.Tensor, x: torch.Tensor, s_x: torch.Tensor,
+                         qmin: int, qmax: int, silu: bool) -> torch.Tensor:
+    """The input gradient (rows, in) of an int8 Linear: grad (rows, out) times W_q^T as int8 products (w_codes_t
+    (in, out) int8, s_w (out,)), times the straight-through mask of its input x (rows, in) (nn.int8.input_grad_mask)."""
+    from ..int8 import input_grad_mask, int8_grad_product
 
-    return int8_grad_product(grad, w_codes_t, s_w)
+    return int8_grad_product(grad, w_codes_t, s_w) * input_grad_mask(x, s_x, qmin, qmax, silu)
 
 
 @int8_grad_product_op.register_fake
-def _(grad, w_codes_t, s_w):
+def _(grad, w_codes_t, s_w, x, s_x, qmin, qmax, silu):
     return grad.new_empty((grad.shape[0], w_codes_t.shape[0]))
