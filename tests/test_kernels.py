@@ -56,6 +56,33 @@ def test_int8_linear_kernel_matches_torch(preset, instr, k, n, bounds, silu):
         np.testing.assert_allclose(out.numpy()[:, :n], ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("preset, instr", [("x86-avx512", "vpdpbusd"), ("x86-64", None), ("arm64-cortex-a76", "sdot"),
+                                           ("arm64-cortex-a72", "smull")])
+def test_int8_qkv_kernel_matches_three_linears(preset, instr):
+    """The fused q, k, value kernel (one input, three steps, four weight segments) against three nn.int8.int8_linear."""
+    from qso3_tvm.compiler.kernels.int8_matmul import qkv_linear_func, qkv_weights
+    from qso3_tvm.nn.int8 import int8_linear
+
+    spec = resolve_target(preset)
+    target = spec.tvm_target()
+    kern = dot_kernel(target)
+    k, F, m = 64, 64, 37
+    lib = tvm.compile(tvm.IRModule({"main": qkv_linear_func(k, F, kern, -127, 127, 0)}), target=target)
+    if instr:
+        assert instr in lib.mod.inspect_source("asm")
+    if not spec.local:
+        pytest.skip(f"{preset} does not run here")
+    x = (RNG.standard_normal((m, k)) * 2).astype(np.float32)
+    linears = [(RNG.integers(-127, 128, (k, n)).astype(np.int8), float(RNG.random() * 0.02 + 0.005),
+                (RNG.random(n) * 0.01 + 1e-3).astype(np.float32), RNG.standard_normal(n).astype(np.float32)) for n in (F, F, 2 * F)]
+    outs = [tvm.runtime.tensor(np.full((m, n), np.nan, np.float32)) for n in (F, F, 2 * F)]
+    lib(tvm.runtime.tensor(x), *map(tvm.runtime.tensor, qkv_weights(linears, 0, kern)), *outs)
+    t = torch.from_numpy
+    for out, (w, s_x, s_w, b) in zip(outs, linears):
+        ref = int8_linear(t(x), t(w), torch.tensor(s_x, dtype=torch.float32), t(s_w), t(b), -127, 127, 0).numpy()
+        np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
 def test_stock_vnni_intrinsic_still_broken():
     """TVM 0.27 bug worked around in qso3_tvm.compiler.tvm_fixes: tensorizing with the stock dot_16x4_vnni
     intrinsic fails to build (LLVM 22 takes <64 x i8> operands). When this test fails, TVM fixed it."""
@@ -228,7 +255,7 @@ def test_attention_operator_equals_model_attention_and_its_ste_gradient():
     results = []
     for fused in (None, L2AttentionKernel()):
         layer.fused_attention = fused
-        alpha = layer.attention_weights(s, src, dst, fc, 9)
+        alpha = layer.attention_weights(layer.q(s), layer.k(s), src, dst, fc, 9)
         results.append((alpha.detach(), *torch.autograd.grad((alpha * g).sum(), (s, fc))))
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
@@ -436,6 +463,7 @@ def test_quantized_graph_runs_custom_operators():
     model_energy_forces(model, *random_molecule(12, seed=1))  # calibrate
     names = {gv.name_hint for gv in import_to_relax(export_energy_forces(deployable(model))).functions}
     assert any(n.startswith("qso3_int8_linear_") for n in names)  # the scalar-branch Linears
+    assert any(n.startswith("qso3_int8_qkv_") for n in names) and any("_silu" in n for n in names)  # fused q, k, value; SiLU folded
     assert {"qso3_l2_attention_2x8", "qso3_l2_attention_backward_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1_geometric", "qso3_messages_16x2",
             "qso3_messages_backward_16x2", "qso3_residual_norms_16", "qso3_residual_norms_backward_16", "qso3_gated_update_16",
             "qso3_gated_update_backward_16", "qso3_edge_geometry_8", "qso3_edge_geometry_backward_8"} <= names

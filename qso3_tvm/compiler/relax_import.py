@@ -147,6 +147,18 @@ def _int8_linear(node, imp, constants: dict, kern=None):
                        tuple(node.args[5:8]), kern, silu=bool(_arg(node, 8, "silu", False)))
 
 
+def _int8_qkv(node, imp, constants: dict, kern=None):
+    """qso3.int8_qkv -> call_tir of its TIR kernel (kernels.int8_matmul.qkv_linear_func): the three Linears of one
+    input in one pass. Weight codes, steps and biases must be constants of the exported program."""
+    from .kernels.int8_matmul import emit_qkv
+
+    t = [constants.get(a.name) for a in node.args[1:13]]
+    if any(x is None for x in t):
+        raise QSO3Error("qso3.int8_qkv needs constant weight codes, steps and biases (export with the weights as constants)")
+    linears = [(t[i].numpy(), float(t[3 + i]), t[6 + i].numpy(), t[9 + i].numpy()) for i in range(3)]
+    return emit_qkv(imp.block_builder, imp.env[node.args[0]], linears, tuple(node.args[13:16]), kern)
+
+
 def _exported_constants(ep: torch.export.ExportedProgram) -> dict:
     """Placeholder name -> tensor of the program's buffers and constants."""
     from torch.export.graph_signature import InputKind
@@ -337,4 +349,5 @@ def import_to_relax(ep: torch.export.ExportedProgram, cpu_kernels: bool = True, 
     constants, kern = _exported_constants(ep), dot_kernel(target) if target is not None else None
     converters["int8_linear.default"] = functools.partial(_int8_linear, constants=constants, kern=kern)
     converters["int8_grad_product.default"] = functools.partial(_int8_grad_product, constants=constants, kern=kern)
+    converters["int8_qkv.default"] = functools.partial(_int8_qkv, constants=constants, kern=kern)
     return from_exported_program(ep, custom_convert_map=converters, run_ep_decomposition=False)

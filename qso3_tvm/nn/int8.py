@@ -185,7 +185,72 @@ def to_int8(model: nn.Module, custom_ops: bool = True, backward: str = "int8") -
                 _convert(module, name, child, backward, custom_ops)
             elif isinstance(child, MDDQ) and child.enabled and custom_ops:
                 setattr(module, name, MDDQKernel(child))
-    return fold_silu(out) if custom_ops else out
+    return fuse_qkv(fold_silu(out)) if custom_ops else out
+
+
+class _Int8QKV(torch.autograd.Function):
+    """qso3::int8_qkv forward; backward: each Linear's masked input gradient (as _Int8Linear), summed."""
+
+    @staticmethod
+    def forward(ctx, x, q: "Int8Linear", k: "Int8Linear", v: "Int8Linear"):
+        from .ops.int8_linear import int8_qkv_op
+
+        ctx.save_for_backward(x)
+        ctx.linears = (q, k, v)
+        rows = x.reshape(-1, x.shape[-1])
+        outs = int8_qkv_op(rows, q.w_codes_t, k.w_codes_t, v.w_codes_t, q.s_x, k.s_x, v.s_x, q.s_w, k.s_w, v.s_w,
+                           q.bias, k.bias, v.bias, q.qmin, q.qmax, q.zp)
+        return tuple(o.reshape(*x.shape[:-1], -1) for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from .ops.int8_linear import int8_grad_product_op
+
+        (x,) = ctx.saved_tensors
+        rows, g_x = x.reshape(-1, x.shape[-1]), None
+        for g, lin in zip(grads, ctx.linears):
+            if g is None:
+                continue
+            g = g.reshape(-1, g.shape[-1])
+            if lin.backward == "int8-op":
+                part = int8_grad_product_op(g, lin.w_codes_t, lin.s_w, rows, lin.s_x, lin.qmin, lin.qmax, False)
+            else:
+                w = lin.w_codes_t.to(g.dtype) * lin.s_w
+                part = (int8_grad_product(g, lin.w_codes_t, lin.s_w) if lin.backward == "int8" else g @ w.T) \
+                    * input_grad_mask(rows, lin.s_x, lin.qmin, lin.qmax, False)
+            g_x = part if g_x is None else g_x + part
+        return (torch.zeros_like(x) if g_x is None else g_x.reshape(x.shape)), None, None, None
+
+
+class Int8QKV(nn.Module):
+    """A layer's three int8 Linears of s (q, k, value) as one operator, qso3::int8_qkv (InteractionLayer.fused_qkv):
+    one kernel computes the codes at each Linear's step and all products. The Linears stay the layer's own modules."""
+
+    def __init__(self, layer: InteractionLayer):
+        super().__init__()
+        self.layer = [layer]  # not a submodule: the Linears are the layer's
+
+    def forward(self, s):
+        layer = self.layer[0]
+        return _Int8QKV.apply(s, layer.q, layer.k, layer.value)
+
+
+def fuse_qkv(model: nn.Module) -> nn.Module:
+    """`model` (changed in place) with the q, k and value Linears of each interaction layer as one Int8QKV, where
+    all three are custom-operator Int8Linears with the same code range, no input offset or SiLU, and F outputs
+    (F, F, 2F) a multiple of 16 (the widest instruction block)."""
+    for layer in model.modules():
+        if not isinstance(layer, InteractionLayer):
+            continue
+        lins = (layer.q, layer.k, layer.value)
+        if not all(isinstance(lin, Int8Linear) and lin.forward_form == "op" and lin.offset is None and not lin.input_silu
+                   for lin in lins):
+            continue
+        F = lins[0].w_codes_t.shape[1]
+        if {(lin.qmin, lin.qmax, lin.zp) for lin in lins} == {(lins[0].qmin, lins[0].qmax, lins[0].zp)} and F % 16 == 0 \
+                and [lin.w_codes_t.shape[1] for lin in lins] == [F, F, 2 * F] and lins[0].w_codes_t.shape[0] % 4 == 0:
+            layer.fused_qkv = Int8QKV(layer)
+    return model
 
 
 def fold_silu(model: nn.Module) -> nn.Module:

@@ -144,11 +144,12 @@ class InteractionLayer(nn.Module):
         self.update = mlp(2 * F, F, 3 * F)
         self.hooks = Hooks()
 
-    def attention_weights(self, s, src, dst, fc, n_atoms):
+    def attention_weights(self, q, k, src, dst, fc, n_atoms):
+        """α (E, H) from the per-atom queries q = W_q s and keys k = W_k s (N, F)."""
         E, H, d = src.shape[0], self.H, self.F // self.H
         if getattr(self, "fused_attention", None) is not None:  # deployment: one custom operator
-            return self.fused_attention(self.q(s).view(-1, H, d), self.k(s).view(-1, H, d), src, dst, fc, self.log_tau)
-        q, k = self.q(s)[dst].view(E, H, d), self.k(s)[src].view(E, H, d)
+            return self.fused_attention(q.view(-1, H, d), k.view(-1, H, d), src, dst, fc, self.log_tau)
+        q, k = q[dst].view(E, H, d), k[src].view(E, H, d)
         if self.attention == "l2norm":
             q = self.hooks.query(q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-12))
             k = self.hooks.key(k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-12))
@@ -161,9 +162,11 @@ class InteractionLayer(nn.Module):
         return w / denom[dst]  # (E, H)
 
     def forward(self, s, v, src, dst, u, rbf, fc):
-        alpha = self.attention_weights(s, src, dst, fc, s.shape[0])  # (E, H)
+        qkv = getattr(self, "fused_qkv", None)  # deployment: the three Linears of s as one custom operator
+        q, k, val = qkv(s) if qkv is not None else (self.q(s), self.k(s), self.value(s))
+        alpha = self.attention_weights(q, k, src, dst, fc, s.shape[0])  # (E, H)
         aggregate = getattr(self, "fused_messages", None) or aggregate_messages  # deployment: one custom operator
-        ds, dv = aggregate(alpha, self.filter(rbf), self.value(s), self.vec_value(v), u, src, dst)
+        ds, dv = aggregate(alpha, self.filter(rbf), val, self.vec_value(v), u, src, dst)
         fused = getattr(self, "fused_update", None)  # deployment: custom operators around the update MLP
         if fused is not None:
             x, s, v, uvvv = fused.residual_norms(s, ds, v, dv, self.vec_uv)

@@ -152,6 +152,91 @@ def emit_linear(bb, x, w_codes_t: np.ndarray, s_x: float, s_w: np.ndarray, bias:
     return out
 
 
+def qkv_linear_func(k: int, F: int, kern: DotKernel | None, qmin: int, qmax: int, zp: int):
+    """One kernel for the three int8 Linears that read a layer's scalars s (q, k: F outputs, value: 2F): per row the
+    codes of s at each Linear's own step, the products on the dot instruction (value as two segments of F outputs
+    sharing its step) and the three outputs, scaled and biased. Weights packed per segment [4, F/bn, k/4, bn, 4]."""
+    from tvm import s_tir
+    from tvm.script import tirx as T
+
+    from .schedule import _vectorize_innermost
+
+    bn, a_dtype = _operands(kern)
+    shift = _u8_shift(kern) - zp
+    if F % bn or k % 4:
+        raise ValueError(f"qkv_linear_func needs F = {F} a multiple of {bn} and k = {k} of 4")
+
+    @T.prim_func(s_tir=True)
+    def qkv(x_h: T.handle, s_x: T.Buffer((4,), "float32"), w: T.Buffer((4, F // bn, k // 4, bn, 4), "int8"),
+            corr: T.Buffer((4, F), "int32"), scale: T.Buffer((4, F), "float32"), bias: T.Buffer((4, F), "float32"),
+            q_h: T.handle, k_h: T.handle, v_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        X = T.match_buffer(x_h, (m, k), "float32")
+        Q = T.match_buffer(q_h, (m, F), "float32")
+        K = T.match_buffer(k_h, (m, F), "float32")
+        V = T.match_buffer(v_h, (m, 2 * F), "float32")
+        for i in range(m):
+            with T.sblock("row"):
+                r = T.axis.spatial(m, i)
+                A = T.sblock_alloc_buffer((4, k), a_dtype)
+                C = T.sblock_alloc_buffer((4, F), "int32")
+                for g, j in T.grid(4, k):
+                    with T.sblock("codes"):
+                        vg, vj = T.axis.remap("SS", [g, j])
+                        A[vg, vj] = T.cast(T.cast(T.max(T.min(T.floor(X[r, vj] / s_x[vg] + T.float32(0.5)), T.float32(qmax)),
+                                                       T.float32(qmin)), "int32") + shift, a_dtype)
+                for g, kk, j in T.grid(4, F, k):
+                    with T.sblock("C"):
+                        vg, vk, vj = T.axis.remap("SSR", [g, kk, j])
+                        with T.init():
+                            C[vg, vk] = 0
+                        C[vg, vk] = C[vg, vk] + T.cast(A[vg, vj], "int32") * T.cast(w[vg, vk // bn, vj // 4, vk % bn, vj % 4], "int32")
+                for kk in range(F):
+                    with T.sblock("out_q"):
+                        vk = T.axis.spatial(F, kk)
+                        Q[r, vk] = T.cast(C[0, vk] - corr[0, vk], "float32") * scale[0, vk] + bias[0, vk]
+                for kk in range(F):
+                    with T.sblock("out_k"):
+                        vk = T.axis.spatial(F, kk)
+                        K[r, vk] = T.cast(C[1, vk] - corr[1, vk], "float32") * scale[1, vk] + bias[1, vk]
+                for kk in range(2 * F):
+                    with T.sblock("out_v"):
+                        vk = T.axis.spatial(2 * F, kk)
+                        V[r, vk] = (T.cast(C[2 + vk // F, vk % F] - corr[2 + vk // F, vk % F], "float32") * scale[2 + vk // F, vk % F]
+                                    + bias[2 + vk // F, vk % F])
+
+    sch = s_tir.Schedule(qkv)
+    _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("codes"))[-1])
+    for name in ("out_q", "out_k", "out_v"):
+        _vectorize_innermost(sch, sch.get_loops(sch.get_sblock(name))[-1])
+    _schedule_product(sch, kern, bn, code_vectors=True)
+    return row_kernel(sch.mod["main"], f"qso3_int8_qkv_{k}x{F}" + (f"_{kern.name}" if kern else ""))
+
+
+def qkv_weights(linears, zp: int, kern: DotKernel | None) -> list[np.ndarray]:
+    """[(w_codes_t (k, n), s_x, s_w, bias)] of q, k, value -> qkv_linear_func's constants, each linear_weights'
+    stacked over the segments q, k, value[:F], value[F:] (the step s_x as (4,))."""
+    F = linears[0][0].shape[1]
+    w_v, s_xv, s_wv, b_v = linears[2]
+    halves = [(w_v[:, h * F:(h + 1) * F], s_xv, s_wv[h * F:(h + 1) * F], b_v[h * F:(h + 1) * F]) for h in (0, 1)]
+    parts = [linear_weights(np.ascontiguousarray(w), s_x, s_w, b, zp, kern) for w, s_x, s_w, b in [*linears[:2], *halves]]
+    return [np.concatenate([p[0] for p in parts])] + [np.stack([p[i] for p in parts]) for i in range(1, 5)]
+
+
+def emit_qkv(bb, x, linears, bounds: tuple[int, int, int], kern: DotKernel | None):
+    """Emit the call of qkv_linear_func for rows x (M, k): (q (M, F), k (M, F), value (M, 2F)). linears: qkv_weights'."""
+    from tvm import relax
+
+    k, F = linears[0][0].shape
+    func = qkv_linear_func(k, F, kern, *bounds)
+    gv = bb.add_func(func, func.attrs["global_symbol"])
+    m = x.ty.shape[0]
+    outs = [relax.TensorType([m, n], "float32") for n in (F, F, 2 * F)]
+    return bb.emit(relax.call_tir(gv, [x, *map(relax.const, qkv_weights(linears, bounds[2], kern))], outs))
+
+
+
 def grad_product_func(n: int, k: int, kern: DotKernel | None, qmin: int, qmax: int, silu: bool):
     """One kernel for nn.ops.int8_linear.int8_grad_product_op: O (M, k') float32 from G (M, n) float32 (the gradient
     of a Linear's n outputs), its per-output steps s_w (n,), its weight codes and its input X (M, k) with step s_x,

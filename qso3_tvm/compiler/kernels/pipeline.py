@@ -20,18 +20,23 @@ def kernel_summary(target) -> dict:
     return {
         "scalar_linears": ("int8 x int8 -> int32, one TIR kernel per Linear (qso3_int8_linear: activation codes, product, "
                            f"scale and bias in one pass; {kern.name if kern else 'int32 multiply-adds, no int8 dot instruction on this target'}), "
-                           "weights packed at compile time") if cpu
+                           "weights packed at compile time; an MLP's SiLU folded into the Linear after it; a layer's q, k and "
+                           "value Linears as one kernel (qso3_int8_qkv)") if cpu
                           else "int8 x int8 -> int32, generic relax matmul",
         "vector_linears": "int8 weights dequantized to float (inputs are MDDQ-decoded vectors)",
         "mddq": "custom TIR operators qso3_mddq / qso3_mddq_backward" if cpu else "generic operators",
-        "attention": "custom TIR operator qso3_l2_attention (int8 q̂·k̂ codes, int32 dot, temperature, segment "
-                     "softmax with sink); its backward runs as generic fused kernels" if cpu else "generic operators",
+        "attention": "custom TIR operators qso3_l2_attention / qso3_l2_attention_backward (int8 q̂·k̂ codes, int32 dot, "
+                     "temperature, segment softmax with sink)" if cpu else "generic operators",
         "messages": "custom TIR operators qso3_messages / qso3_messages_backward (gather, messages and neighbor "
                     "sums in one pass over the edges, heads on the thread pool from 2048 edges)"
                     if cpu else "generic operators",
+        "update": "custom TIR operators qso3_residual_norms / qso3_gated_update and their backwards (residual sums, l=1 "
+                  "channel mix, norms, gated mixing: one pass per atom each)" if cpu else "generic operators",
+        "geometry": "custom TIR operators qso3_edge_geometry / qso3_edge_geometry_backward (unit vectors, cutoff, radial "
+                    "basis per edge; forces back to atoms in one pass)" if cpu else "generic operators",
         "forces": "straight-through backward; the scalar-branch Linears' input gradients as int8 products (gradient "
-                  f"rows as two int8 code vectors, nn.int8.int8_grad_product: qso3_int8_grad_product, {kern.name}), "
-                  "the rest in float" if kern and cpu else
+                  f"rows as two int8 code vectors, nn.int8.int8_grad_product: qso3_int8_grad_product, {kern.name}, "
+                  "the input's straight-through mask in the same kernel), the rest in float" if kern and cpu else
                   "float backward with straight-through semantics (equals the QAT model's autograd forces)",
         "schedules": "default CPU rule (kernels.schedule) for unscheduled fused kernels"
                      if cpu else "dlight GPU rules (kernels.gpu)",

@@ -4,7 +4,9 @@ numerics):
   qso3::int8_grad_product   backward: g · W_q^T with the gradient rows as two int8 code vectors, times the
                             straight-through mask of the input
 
-nn.int8.to_int8(custom_ops=True) makes Int8Linear call them, so the exported graph holds one node per
+  qso3::int8_qkv            the three Linears of a layer's scalars (q, k, value), each with its own step
+
+nn.int8.to_int8(custom_ops=True) makes Int8Linear (and Int8QKV) call them, so the exported graph holds one node per
 forward and per backward product, which compiler.relax_import maps to one TIR kernel each
 (compiler.kernels.int8_matmul: linear_func, grad_product_func): per row, the codes, the products on the
 target's dot-product instruction and the float result in one pass, with no int8 or int32 tensor in memory.
@@ -43,3 +45,22 @@ def int8_grad_product_op(grad: torch.Tensor, w_codes_t: torch.Tensor, s_w: torch
 @int8_grad_product_op.register_fake
 def _(grad, w_codes_t, s_w, x, s_x, qmin, qmax, silu):
     return grad.new_empty((grad.shape[0], w_codes_t.shape[0]))
+
+
+@torch.library.custom_op("qso3::int8_qkv", mutates_args=())
+def int8_qkv_op(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, s_xq: torch.Tensor,
+                s_xk: torch.Tensor, s_xv: torch.Tensor, s_wq: torch.Tensor, s_wk: torch.Tensor, s_wv: torch.Tensor,
+                b_q: torch.Tensor, b_k: torch.Tensor, b_v: torch.Tensor, qmin: int, qmax: int,
+                zp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three int8 Linears of one input x (rows, in), each with its own step: (q, k, value) = int8_linear of
+    (w_q, s_xq, s_wq, b_q), (w_k, ...), (w_v, ...)."""
+    from ..int8 import int8_linear
+
+    q, k, v = (int8_linear(x, w, s_x, s_w, b, qmin, qmax, zp)
+               for w, s_x, s_w, b in ((w_q, s_xq, s_wq, b_q), (w_k, s_xk, s_wk, b_k), (w_v, s_xv, s_wv, b_v)))
+    return q, k, v
+
+
+@int8_qkv_op.register_fake
+def _(x, w_q, w_k, w_v, *rest):
+    return tuple(x.new_empty((x.shape[0], w.shape[1])) for w in (w_q, w_k, w_v))
