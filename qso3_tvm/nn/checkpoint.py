@@ -18,7 +18,7 @@ from ..errors import QSO3Error
 from ..files import atomic_path
 from .model import ModelConfig, So3krates
 
-BUNDLED = {"ethanol-fp32": "ethanol_fp32.pt", "ethanol-int8": "ethanol_int8.pt", "ethanol-w8": "ethanol_w8.pt"}
+BUNDLED = {f"{mol}-{precision}": f"{mol}_{precision}.pt" for mol in ("ethanol", "aspirin") for precision in ("fp32", "int8", "w8")}
 DEFAULT_MODEL = "ethanol-fp32"
 
 
