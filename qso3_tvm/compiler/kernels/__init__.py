@@ -4,4 +4,6 @@
   ARM NEON (smull/sadalp), with weights packed at compile time.
 - schedule: default CPU schedules for the fused kernels nobody wrote by hand.
 - mddq, attention: custom operators of the quantized model (see their docstrings).
+- messages, update, geometry: a layer's messages and neighbor sums, its update around the MLP, and the edge
+  geometry, forward and backward (every CPU build, fp32 included).
 """
