@@ -18,9 +18,7 @@ import tvm
 
 from ..graph.convention import ENTRY_POINTS, Bucket, bucket_function
 from ..nn.int8 import to_int8
-from ..nn.ops.geometry import fuse_geometry
-from ..nn.ops.messages import fuse_messages
-from ..nn.ops.update import fuse_update
+from ..nn.ops import fuse_operators
 from .export import export_energy_forces
 from .kernels.int8_matmul import dot_kernel
 from .kernels.schedule import parallel_rows
@@ -36,7 +34,7 @@ def deployable(model, spec: TargetSpec | None = None):
     cpu = spec is None or spec.device == "cpu"
     if getattr(model, "quant_cfg", None) is not None:
         return to_int8(model, custom_ops=cpu, backward=int8_backward(spec))
-    return fuse_geometry(fuse_update(fuse_messages(copy.deepcopy(model)))) if cpu else model
+    return fuse_operators(copy.deepcopy(model)) if cpu else model
 
 
 def int8_backward(spec: TargetSpec | None) -> str:

@@ -65,18 +65,23 @@ class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w_codes_t, s_x, s_w = ctx.saved_tensors
-        qmin, qmax = ctx.bounds
-        if ctx.backward == "int8-op":  # the same numbers as one custom operator (one kernel when compiled)
-            from .ops.int8_linear import int8_grad_product_op
+        g_x = input_gradient(grad, x, w_codes_t, s_x, s_w, *ctx.bounds, ctx.backward, ctx.silu)
+        return g_x, None, None, None, None, None, None, None, None, None, None
 
-            rows, x_rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-            g_x = int8_grad_product_op(rows, w_codes_t, s_w, x_rows, s_x, qmin, qmax, ctx.silu).reshape(x.shape)
-            return g_x, None, None, None, None, None, None, None, None, None, None
-        if ctx.backward == "int8":
-            g_x = int8_grad_product(grad, w_codes_t, s_w)
-        else:
-            g_x = grad @ (w_codes_t.to(grad.dtype) * s_w).T  # W_q (in, out): the fake-quantized weights
-        return g_x * input_grad_mask(x, s_x, qmin, qmax, ctx.silu), None, None, None, None, None, None, None, None, None, None
+
+def input_gradient(grad, x, w_codes_t, s_x, s_w, qmin: int, qmax: int, backward: str, silu: bool):
+    """dL/dx of an int8 Linear from dL/dy, straight through the codes, with the product `backward` names (module
+    docstring: "int8-op" is "int8" as one custom operator, one kernel when compiled)."""
+    if backward == "int8-op":
+        from .ops.int8_linear import int8_grad_product_op
+
+        rows, x_rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        return int8_grad_product_op(rows, w_codes_t, s_w, x_rows, s_x, qmin, qmax, silu).reshape(x.shape)
+    if backward == "int8":
+        g_x = int8_grad_product(grad, w_codes_t, s_w)
+    else:
+        g_x = grad @ (w_codes_t.to(grad.dtype) * s_w).T  # W_q (in, out): the fake-quantized weights
+    return g_x * input_grad_mask(x, s_x, qmin, qmax, silu)
 
 
 def input_grad_mask(x, s_x, qmin: int, qmax: int, silu: bool):
@@ -145,8 +150,12 @@ class Int8WeightLinear(nn.Module):
             self.register_buffer("s_w", wq.scale().detach().clone().reshape(-1, 1))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
 
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """codes · step (out, in), the codes cast to `dtype` (default: the step's) before the product."""
+        return self.w_codes.to(dtype or self.s_w.dtype) * self.s_w
+
     def forward(self, x):
-        return nn.functional.linear(x, self.w_codes.to(x.dtype) * self.s_w, self.bias)
+        return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
 
 BACKWARDS = ("int8", "float")
@@ -165,17 +174,15 @@ def to_int8(model: nn.Module, custom_ops: bool = True, backward: str = "int8") -
     attention, the messages, the update and the edge geometry as custom operators (compiler.kernels; same outputs up to float summation order).
     `custom_ops=False` keeps MDDQ, attention and messages as generic operators (targets with no TIR kernels
     for them: GPUs). `backward`: how the scalar-branch Linears' input gradients are computed (module docstring)."""
+    from .ops import fuse_operators
     from .ops.attention import L2AttentionKernel
-    from .ops.geometry import fuse_geometry
     from .ops.mddq import MDDQKernel
-    from .ops.messages import fuse_messages
-    from .ops.update import fuse_update
 
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, not {backward!r}")
     out = copy.deepcopy(model).eval()
     if custom_ops:
-        fuse_geometry(fuse_update(fuse_messages(out)))
+        fuse_operators(out)
     for layer in out.modules() if custom_ops else ():
         if isinstance(layer, InteractionLayer) and layer.attention == "l2norm" and _fixed_grid(layer.hooks):
             layer.fused_attention = L2AttentionKernel()
@@ -204,35 +211,19 @@ class _Int8QKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        from .ops.int8_linear import int8_grad_product_op
-
         (x,) = ctx.saved_tensors
-        rows, g_x = x.reshape(-1, x.shape[-1]), None
-        for g, lin in zip(grads, ctx.linears):
-            if g is None:
-                continue
-            g = g.reshape(-1, g.shape[-1])
-            if lin.backward == "int8-op":
-                part = int8_grad_product_op(g, lin.w_codes_t, lin.s_w, rows, lin.s_x, lin.qmin, lin.qmax, False)
-            else:
-                w = lin.w_codes_t.to(g.dtype) * lin.s_w
-                part = (int8_grad_product(g, lin.w_codes_t, lin.s_w) if lin.backward == "int8" else g @ w.T) \
-                    * input_grad_mask(rows, lin.s_x, lin.qmin, lin.qmax, False)
-            g_x = part if g_x is None else g_x + part
-        return (torch.zeros_like(x) if g_x is None else g_x.reshape(x.shape)), None, None, None
+        parts = [input_gradient(g, x, lin.w_codes_t, lin.s_x, lin.s_w, lin.qmin, lin.qmax, lin.backward, False)
+                 for g, lin in zip(grads, ctx.linears) if g is not None]
+        return (sum(parts[1:], parts[0]) if parts else torch.zeros_like(x)), None, None, None
 
 
 class Int8QKV(nn.Module):
     """A layer's three int8 Linears of s (q, k, value) as one operator, qso3::int8_qkv (InteractionLayer.fused_qkv):
-    one kernel computes the codes at each Linear's step and all products. The Linears stay the layer's own modules."""
+    one kernel computes the codes at each Linear's step and all products. The Linears stay the layer's own modules
+    and are passed in by the layer."""
 
-    def __init__(self, layer: InteractionLayer):
-        super().__init__()
-        self.layer = [layer]  # not a submodule: the Linears are the layer's
-
-    def forward(self, s):
-        layer = self.layer[0]
-        return _Int8QKV.apply(s, layer.q, layer.k, layer.value)
+    def forward(self, q: Int8Linear, k: Int8Linear, value: Int8Linear, s):
+        return _Int8QKV.apply(s, q, k, value)
 
 
 def fuse_qkv(model: nn.Module) -> nn.Module:
@@ -249,7 +240,7 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
         F = lins[0].w_codes_t.shape[1]
         if {(lin.qmin, lin.qmax, lin.zp) for lin in lins} == {(lins[0].qmin, lins[0].qmax, lins[0].zp)} and F % 16 == 0 \
                 and [lin.w_codes_t.shape[1] for lin in lins] == [F, F, 2 * F] and lins[0].w_codes_t.shape[0] % 4 == 0:
-            layer.fused_qkv = Int8QKV(layer)
+            layer.fused_qkv = Int8QKV()
     return model
 
 

@@ -163,17 +163,14 @@ class InteractionLayer(nn.Module):
 
     def forward(self, s, v, src, dst, u, rbf, fc):
         qkv = getattr(self, "fused_qkv", None)  # deployment: the three Linears of s as one custom operator
-        q, k, val = qkv(s) if qkv is not None else (self.q(s), self.k(s), self.value(s))
+        q, k, val = qkv(self.q, self.k, self.value, s) if qkv is not None else (self.q(s), self.k(s), self.value(s))
         alpha = self.attention_weights(q, k, src, dst, fc, s.shape[0])  # (E, H)
         aggregate = getattr(self, "fused_messages", None) or aggregate_messages  # deployment: one custom operator
         ds, dv = aggregate(alpha, self.filter(rbf), val, self.vec_value(v), u, src, dst)
         fused = getattr(self, "fused_update", None)  # deployment: custom operators around the update MLP
-        if fused is not None:
-            x, s, v, uvvv = fused.residual_norms(s, ds, v, dv, self.vec_uv)
-            s, v = fused.gated_update(self.update(x), s, v, uvvv)
-        else:
-            x, s, v, uvvv = residual_norms(s, ds, v, dv, self.vec_uv)
-            s, v = gated_update(self.update(x), s, v, uvvv)
+        norms, gate = (fused.residual_norms, fused.gated_update) if fused is not None else (residual_norms, gated_update)
+        x, s, v, uvvv = norms(s, ds, v, dv, self.vec_uv)
+        s, v = gate(self.update(x), s, v, uvvv)
         return self.hooks.scalar(s), self.hooks.vector(v)
 
 

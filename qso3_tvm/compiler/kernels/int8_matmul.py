@@ -98,8 +98,7 @@ def linear_func(k: int, n: int, kern: DotKernel | None, qmin: int, qmax: int, zp
                 for j in range(k):
                     with T.sblock("codes"):
                         vj = T.axis.spatial(k, j)
-                        A[vj] = T.cast(T.cast(T.max(T.min(T.floor(act(X[r, vj]) / s_x[0] + T.float32(0.5)), T.float32(qmax)),
-                                                    T.float32(qmin)), "int32") + shift, a_dtype)
+                        A[vj] = _activation_code(T, act(X[r, vj]), s_x[0], qmin, qmax, shift, a_dtype)
                 for kk, j in T.grid(npad, k):
                     with T.sblock("C"):
                         vk, vj = T.axis.remap("SR", [kk, j])
@@ -116,6 +115,12 @@ def linear_func(k: int, n: int, kern: DotKernel | None, qmin: int, qmax: int, zp
     _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("out"))[-1])
     _schedule_product(sch, kern, bn)
     return row_kernel(sch.mod["main"], f"qso3_int8_linear_{k}x{n}" + ("_silu" if silu else "") + (f"_{kern.name}" if kern else ""))
+
+
+def _activation_code(T, x, s_x, qmin: int, qmax: int, shift: int, a_dtype: str):
+    """clamp(floor(x / s_x + 0.5), qmin, qmax) + shift as the instruction's operand type (PrimExprs; nn.int8.int8_linear)."""
+    code = T.max(T.min(T.floor(x / s_x + T.float32(0.5)), T.float32(qmax)), T.float32(qmin))
+    return T.cast(T.cast(code, "int32") + shift, a_dtype)
 
 
 def linear_weights(w_codes_t: np.ndarray, s_x: float, s_w: np.ndarray, bias: np.ndarray, zp: int,
@@ -184,8 +189,7 @@ def qkv_linear_func(k: int, F: int, kern: DotKernel | None, qmin: int, qmax: int
                 for g, j in T.grid(4, k):
                     with T.sblock("codes"):
                         vg, vj = T.axis.remap("SS", [g, j])
-                        A[vg, vj] = T.cast(T.cast(T.max(T.min(T.floor(X[r, vj] / s_x[vg] + T.float32(0.5)), T.float32(qmax)),
-                                                       T.float32(qmin)), "int32") + shift, a_dtype)
+                        A[vg, vj] = _activation_code(T, X[r, vj], s_x[vg], qmin, qmax, shift, a_dtype)
                 for g, kk, j in T.grid(4, F, k):
                     with T.sblock("C"):
                         vg, vk, vj = T.axis.remap("SSR", [g, kk, j])
@@ -234,7 +238,6 @@ def emit_qkv(bb, x, linears, bounds: tuple[int, int, int], kern: DotKernel | Non
     m = x.ty.shape[0]
     outs = [relax.TensorType([m, n], "float32") for n in (F, F, 2 * F)]
     return bb.emit(relax.call_tir(gv, [x, *map(relax.const, qkv_weights(linears, bounds[2], kern))], outs))
-
 
 
 def grad_product_func(n: int, k: int, kern: DotKernel | None, qmin: int, qmax: int, silu: bool):

@@ -1,1 +1,12 @@
-"""torch halves of the custom operators (MDDQ, L2 attention); their TIR kernels are in compiler.kernels."""
+"""torch halves of the custom operators (MDDQ, L2 attention, messages, update, edge geometry, int8 Linears);
+their TIR kernels are in compiler.kernels."""
+
+
+def fuse_operators(model):
+    """`model` (changed in place) with its messages, its update around the MLP and its edge geometry as custom
+    operators: every CPU build, whatever its precision (nn.int8.to_int8 adds the quantized ones)."""
+    from .geometry import fuse_geometry
+    from .messages import fuse_messages
+    from .update import fuse_update
+
+    return fuse_geometry(fuse_update(fuse_messages(model)))

@@ -121,8 +121,8 @@ class UpdateKernels(nn.Module):
 def _weight(linear: nn.Module) -> torch.Tensor:
     if getattr(linear, "bias", None) is not None:
         raise ValueError("the fused update takes a vector Linear without bias (a bias breaks equivariance)")
-    if hasattr(linear, "w_codes"):  # nn.int8.Int8WeightLinear
-        return linear.w_codes.to(linear.s_w.dtype) * linear.s_w
+    if hasattr(linear, "dequantized_weight"):  # nn.int8.Int8WeightLinear
+        return linear.dequantized_weight()
     return linear.weight
 
 
