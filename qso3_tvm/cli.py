@@ -192,7 +192,7 @@ def evaluate(
 @user_errors
 def compile_cmd(
     model: str = typer.Argument("ethanol-int8", help="checkpoint path or bundled model name"),
-    target: str = typer.Option("x86-avx512", "--target", help="preset (qso3-tvm targets), TVM tag or JSON"),
+    target: str = typer.Option("host", "--target", help="preset (qso3-tvm targets; host: the fastest this machine runs), TVM tag or JSON"),
     out: Path = typer.Option(..., "-o", "--out", help="artifact directory (library + manifest.json)"),
     check: bool = typer.Option(True, help="compare with PyTorch when the target runs here"),
     tuning_records: Optional[Path] = typer.Option(None, "--tuning-records",
@@ -219,7 +219,7 @@ def compile_cmd(
 @user_errors
 def tune(
     model: str = typer.Argument("ethanol-int8", help="checkpoint path or bundled model name"),
-    target: str = typer.Option("x86-avx512", "--target", help="preset (qso3-tvm targets), TVM tag or JSON"),
+    target: str = typer.Option("host", "--target", help="preset (qso3-tvm targets; host: the fastest this machine runs), TVM tag or JSON"),
     trials: int = typer.Option(64, "--trials", help="measured candidates in total (tvmc's --trials)"),
     trials_per_task: Optional[int] = typer.Option(None, help="cap per task (default min(trials, 8)): the budget "
                                                   "goes to the trials // cap heaviest kernels"),
@@ -242,8 +242,9 @@ def tune(
 @user_errors
 def targets():
     """List target presets and what they resolve to."""
-    from .compiler.targets import presets
+    from .compiler.targets import HOST, host_preset, presets
 
+    typer.echo(f"{HOST:18s} the fastest preset this machine runs (the default): {host_preset()}")
     seen = set()
     for name, spec in presets().items():
         if spec.name in seen:
@@ -445,7 +446,7 @@ def bench(
     budget_ms: float = typer.Option(300.0, help="timed milliseconds per route per round (at least one call)"),
     max_calls: int = typer.Option(50, help="timed calls per route per round at most"),
     warmup: int = typer.Option(3, help="untimed calls per case at setup"),
-    target: str = typer.Option("x86-avx512", "--target", help="target for artifacts compiled here"),
+    target: str = typer.Option("host", "--target", help="target for artifacts compiled here (host: the fastest preset this machine runs)"),
     tvm_fp32: Optional[Path] = typer.Option(None, "--tvm-fp32", help="fp32 artifact folder (else compiled into the cache)"),
     tvm_int8: Optional[Path] = typer.Option(None, "--tvm-int8", help="int8 artifact folder (else compiled into the cache)"),
     tvm_int8_tuned: Optional[Path] = typer.Option(None, "--tvm-int8-tuned", help="tuned int8 artifact folder"),

@@ -94,8 +94,24 @@ def test_unknown_target_lists_valid_ones():
 def test_targets_command_lists_presets():
     r = runner.invoke(app, ["targets"])
     assert r.exit_code == 0
-    for name in ("x86-avx512", "arm64-cortex-a72", "arm64-cortex-a76", "jetson-orin", "cuda-sm90"):
+    for name in ("host", "x86-avx512", "x86-avx2", "arm64-cortex-a72", "arm64-cortex-a76", "jetson-orin", "cuda-sm90"):
         assert name in r.stdout
+
+
+def test_host_target_is_the_fastest_preset_that_runs_here(monkeypatch):
+    """The default target (`host`) resolves to a preset this machine runs: AVX-512 VNNI where present, else AVX2,
+    else generic x86-64; a machine with none of the features gets the next in line."""
+    from qso3_tvm.compiler import targets
+
+    spec = resolve_target("host")
+    assert spec.local and spec.name in targets.HOST_ORDER
+    if spec.arch == "x86_64":
+        monkeypatch.setattr(targets, "host_cpu_features", lambda: {"avx2", "fma"})
+        assert resolve_target("host").name == "x86-avx2"
+        monkeypatch.setattr(targets, "host_cpu_features", lambda: {"avx512f", "avx512_vnni", "avx2", "fma"})
+        assert resolve_target("host").name == "x86-avx512"
+        monkeypatch.setattr(targets, "host_cpu_features", lambda: set())
+        assert resolve_target("host").name == "x86-64"
 
 
 def test_quantized_model_compiles_to_int8_gemms(tmp_path):
@@ -114,14 +130,17 @@ def test_quantized_model_compiles_to_int8_gemms(tmp_path):
     e1, f1 = model_energy_forces(int8, *random_molecule(15, seed=9))
     assert abs(e0 - e1) < 1e-5 and np.abs(f0 - f1).max() < 1e-5 * max(1.0, np.abs(f0).max())
     save_model(tmp_path / "q.pt", model)
-    vnni = resolve_target("x86-avx512").local  # its int8 backward products (qso3_int8_grad_product) run here
-    info = qcompile.compile_model(str(tmp_path / "q.pt"), "x86-avx512" if vnni else "x86-64", tmp_path / "art", log=lambda *_: None)
+    # the host's preset: its int8 products (qso3_int8_linear, qso3_int8_grad_product) on this CPU's dot instruction
+    from qso3_tvm.compiler.module import int8_backward
+
+    int8_forces = int8_backward(resolve_target("host")) == "int8"
+    info = qcompile.compile_model(str(tmp_path / "q.pt"), "host", tmp_path / "art", log=lambda *_: None)
     assert info["model"]["precision"] == "w8a8-mddq"
     assert info["parity"]["max_force_error_mev_per_a"] <= info["parity"]["tolerance_mev"][1]
     kernels = info["quantization"]["kernels"]
     assert "int8 x int8 -> int32" in kernels["scalar_linears"] and "qso3_mddq" in kernels["mddq"]
-    assert ("qso3_int8_grad_product" in kernels["forces"]) == vnni
-    if vnni:  # forces within the int8 backward's rounding of the int8 model's float-backward forces
+    assert ("qso3_int8_grad_product" in kernels["forces"]) == int8_forces
+    if int8_forces:  # forces within the int8 backward's rounding of the int8 model's float-backward forces
         from qso3_tvm.nn.metrics import predict
 
         mols = MoleculeSet.from_molecules([random_molecule(15, seed=9)])

@@ -159,6 +159,19 @@ def _int8_qkv(node, imp, constants: dict, kern=None):
     return emit_qkv(imp.block_builder, imp.env[node.args[0]], linears, tuple(node.args[13:16]), kern)
 
 
+def _int8_qkv_grad(node, imp, constants: dict, kern=None):
+    """qso3.int8_qkv_grad -> call_tir of its TIR kernel (kernels.int8_matmul.qkv_grad_func): the backward of q, k, value
+    and the passed-on input in one pass. Weight codes and steps must be constants of the exported program."""
+    from .kernels.int8_matmul import emit_qkv_grad
+
+    t = [constants.get(a.name) for a in node.args[5:14]]
+    if any(x is None for x in t):
+        raise QSO3Error("qso3.int8_qkv_grad needs constant weight codes and steps (export with the weights as constants)")
+    grads, x = [imp.env[a] for a in node.args[:4]], imp.env[node.args[4]]
+    return emit_qkv_grad(imp.block_builder, grads, x, [w.numpy() for w in t[:3]], [float(s) for s in t[3:6]],
+                         [s.numpy() for s in t[6:9]], tuple(node.args[14:16]), kern)
+
+
 def _exported_constants(ep: torch.export.ExportedProgram) -> dict:
     """Placeholder name -> tensor of the program's buffers and constants."""
     from torch.export.graph_signature import InputKind
@@ -214,23 +227,26 @@ def _l2_attention_backward(node, imp):
 
 
 def _messages(node, imp):
-    """qso3.messages -> call_tir of the fused messages kernel (compiler.kernels.messages)."""
+    """qso3.messages -> call_tir of the fused messages kernel (compiler.kernels.messages), the weight transposed."""
     from .kernels.messages import forward_func
 
-    alpha, phi, val, vv, u, src, dst = (imp.env[a] for a in node.args)
-    outs = [relax.TensorType([val.ty.shape[0], vv.ty.shape[2]], "float32"), relax.TensorType(vv.ty.shape, "float32")]
-    return _call_kernel(imp.block_builder, forward_func(int(vv.ty.shape[2]), int(alpha.ty.shape[1])),
-                        [alpha, phi, val, vv, u, src, dst], outs)
+    bb = imp.block_builder
+    alpha, phi, val, s, v, w, u, src, dst = (imp.env[a] for a in node.args)
+    wt = bb.emit(relax.op.permute_dims(w, [1, 0]))
+    outs = [relax.TensorType(s.ty.shape, "float32"), relax.TensorType(v.ty.shape, "float32")]
+    return _call_kernel(bb, forward_func(int(v.ty.shape[2]), int(alpha.ty.shape[1])), [alpha, phi, val, s, v, wt, u, src, dst], outs)
 
 
 def _messages_backward(node, imp):
-    """qso3.messages_backward -> call_tir of its kernel; the gradients have the shapes of α, φ, val, vv, u."""
+    """qso3.messages_backward -> call_tir of its kernel; the gradients have the shapes of α, φ, val, v, u."""
     from .kernels.messages import backward_func
 
-    args = [imp.env[a] for a in node.args]
-    alpha, vv = args[2], args[5]
-    outs = [relax.TensorType(x.ty.shape, "float32") for x in args[2:7]]
-    return _call_kernel(imp.block_builder, backward_func(int(vv.ty.shape[2]), int(alpha.ty.shape[1])), args, outs)
+    bb = imp.block_builder
+    g_s, g_v, alpha, phi, val, v, w, u, src, dst = (imp.env[a] for a in node.args)
+    wt = bb.emit(relax.op.permute_dims(w, [1, 0]))
+    outs = [relax.TensorType(x.ty.shape, "float32") for x in (alpha, phi, val, v, u)]
+    return _call_kernel(bb, backward_func(int(v.ty.shape[2]), int(alpha.ty.shape[1])),
+                        [g_s, g_v, alpha, phi, val, v, w, wt, u, src, dst], outs)
 
 
 def _edge_geometry(node, imp):
@@ -259,12 +275,12 @@ def _residual_norms(node, imp):
     from .kernels.update import residual_norms_func
 
     bb = imp.block_builder
-    s, ds, v, dv, w = (imp.env[a] for a in node.args)
+    s, v, w = (imp.env[a] for a in node.args)
     n, F = s.ty.shape
     wt = bb.emit(relax.op.permute_dims(w, [1, 0]))
     outs = [relax.TensorType([n, 2 * F], "float32"), relax.TensorType(s.ty.shape, "float32"),
             relax.TensorType(v.ty.shape, "float32"), relax.TensorType([n, 3, 2 * F], "float32")]
-    return _call_kernel(bb, residual_norms_func(int(F)), [s, ds, v, dv, wt], outs)
+    return _call_kernel(bb, residual_norms_func(int(F)), [s, v, wt], outs)
 
 
 def _residual_norms_backward(node, imp):
@@ -350,4 +366,5 @@ def import_to_relax(ep: torch.export.ExportedProgram, cpu_kernels: bool = True, 
     converters["int8_linear.default"] = functools.partial(_int8_linear, constants=constants, kern=kern)
     converters["int8_grad_product.default"] = functools.partial(_int8_grad_product, constants=constants, kern=kern)
     converters["int8_qkv.default"] = functools.partial(_int8_qkv, constants=constants, kern=kern)
+    converters["int8_qkv_grad.default"] = functools.partial(_int8_qkv_grad, constants=constants, kern=kern)
     return from_exported_program(ep, custom_convert_map=converters, run_ep_decomposition=False)

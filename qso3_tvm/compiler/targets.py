@@ -61,11 +61,26 @@ def _from_target(name: str, target, source: str) -> TargetSpec:
                       device="cuda" if d["kind"] == "cuda" else "cpu")
 
 
+HOST = "host"  # the default target: the fastest preset this machine runs
+HOST_ORDER = ("x86-avx512", "x86-avx2", "x86-64", "arm64-cortex-a76", "arm64-cortex-a72")
+
+
+def host_preset() -> str:
+    """The first preset of HOST_ORDER that runs on this machine (its instruction set and CPU features)."""
+    table = presets()
+    for name in HOST_ORDER:
+        if name in table and table[name].local:
+            return name
+    raise QSO3Error(f"no target preset runs on this machine ({platform.machine()}): name one with --target")
+
+
 def resolve_target(spec: str) -> TargetSpec:
-    """A preset name/alias, a TVM tag (e.g. nvidia/jetson-agx-orin-64gb), or a JSON target dict."""
+    """A preset name/alias, `host` (host_preset), a TVM tag (e.g. nvidia/jetson-agx-orin-64gb), or a JSON target dict."""
     import tvm
 
     table = presets()
+    if spec == HOST:
+        spec = host_preset()
     if spec in table:
         return table[spec]
     if spec.lstrip().startswith("{"):

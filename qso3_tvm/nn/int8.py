@@ -196,7 +196,8 @@ def to_int8(model: nn.Module, custom_ops: bool = True, backward: str = "int8") -
 
 
 class _Int8QKV(torch.autograd.Function):
-    """qso3::int8_qkv forward; backward: each Linear's masked input gradient (as _Int8Linear), summed."""
+    """qso3::int8_qkv forward (q, k, value and x passed on); backward: each Linear's masked input gradient (as
+    _Int8Linear) and that of the copy, summed (one operator, qso3::int8_qkv_grad, when all three are "int8-op")."""
 
     @staticmethod
     def forward(ctx, x, q: "Int8Linear", k: "Int8Linear", v: "Int8Linear"):
@@ -211,15 +212,31 @@ class _Int8QKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        from .ops.int8_linear import int8_qkv_grad_op
+
         (x,) = ctx.saved_tensors
+        lins = ctx.linears
+        grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, _qkv_shapes(x, lins))]
+        if all(lin.backward == "int8-op" for lin in lins):
+            rows = [g.reshape(-1, g.shape[-1]) for g in (*grads, x)]
+            q, k, v = lins
+            g_x = int8_qkv_grad_op(*rows, q.w_codes_t, k.w_codes_t, v.w_codes_t, q.s_x, k.s_x, v.s_x, q.s_w, k.s_w,
+                                   v.s_w, q.qmin, q.qmax)
+            return g_x.reshape(x.shape), None, None, None
         parts = [input_gradient(g, x, lin.w_codes_t, lin.s_x, lin.s_w, lin.qmin, lin.qmax, lin.backward, False)
-                 for g, lin in zip(grads, ctx.linears) if g is not None]
-        return (sum(parts[1:], parts[0]) if parts else torch.zeros_like(x)), None, None, None
+                 for g, lin in zip(grads, lins)]
+        return sum(parts, grads[3]), None, None, None
+
+
+def _qkv_shapes(x, lins):
+    """Zero stand-ins for the gradients of int8_qkv's outputs (q, k, value, x)."""
+    return [x.new_zeros((*x.shape[:-1], lin.w_codes_t.shape[1])) for lin in lins] + [x]
 
 
 class Int8QKV(nn.Module):
     """A layer's three int8 Linears of s (q, k, value) as one operator, qso3::int8_qkv (InteractionLayer.fused_qkv):
-    one kernel computes the codes at each Linear's step and all products. The Linears stay the layer's own modules
+    one kernel computes the codes at each Linear's step and all products, and passes s on (the layer's other use of
+    s takes the copy, so the backward kernel sums all of its gradient). The Linears stay the layer's own modules
     and are passed in by the layer."""
 
     def forward(self, q: Int8Linear, k: Int8Linear, value: Int8Linear, s):

@@ -162,23 +162,28 @@ class InteractionLayer(nn.Module):
         return w / denom[dst]  # (E, H)
 
     def forward(self, s, v, src, dst, u, rbf, fc):
-        qkv = getattr(self, "fused_qkv", None)  # deployment: the three Linears of s as one custom operator
-        q, k, val = qkv(self.q, self.k, self.value, s) if qkv is not None else (self.q(s), self.k(s), self.value(s))
+        qkv = getattr(self, "fused_qkv", None)  # deployment: the three Linears of s as one custom operator (s passes through)
+        q, k, val, s = qkv(self.q, self.k, self.value, s) if qkv is not None else (self.q(s), self.k(s), self.value(s), s)
         alpha = self.attention_weights(q, k, src, dst, fc, s.shape[0])  # (E, H)
-        aggregate = getattr(self, "fused_messages", None) or aggregate_messages  # deployment: one custom operator
-        ds, dv = aggregate(alpha, self.filter(rbf), val, self.vec_value(v), u, src, dst)
+        messages = getattr(self, "fused_messages", None) or residual_messages  # deployment: one custom operator
+        s, v = messages(alpha, self.filter(rbf), val, s, v, self.vec_value, u, src, dst)
         fused = getattr(self, "fused_update", None)  # deployment: custom operators around the update MLP
         norms, gate = (fused.residual_norms, fused.gated_update) if fused is not None else (residual_norms, gated_update)
-        x, s, v, uvvv = norms(s, ds, v, dv, self.vec_uv)
+        x, s, v, uvvv = norms(s, v, self.vec_uv)
         s, v = gate(self.update(x), s, v, uvvv)
         return self.hooks.scalar(s), self.hooks.vector(v)
 
 
-def residual_norms(s, ds, v, dv, vec_uv):
-    """A layer's residual sums and the update MLP's input: x = [s + ds | |vv|] (N, 2F), s + ds, v + dv (neighbor
-    sums stay in accumulator precision) and the channel mixes uvvv = vec_uv(v + dv) (N, 3, 2F) = [uv | vv]."""
+def residual_messages(alpha, phi, val, s, v, vec_value, u, src, dst):
+    """A layer's residual sums s + ds, v + dv with the neighbor sums of aggregate_messages (vv = vec_value(v))."""
+    ds, dv = aggregate_messages(alpha, phi, val, vec_value(v), u, src, dst)
+    return s + ds, v + dv
+
+
+def residual_norms(s, v, vec_uv):
+    """The update MLP's input x = [s | |vv|] (N, 2F) of the residual sums s, v (neighbor sums included, in
+    accumulator precision), s and v themselves, and the channel mixes uvvv = vec_uv(v) (N, 3, 2F) = [uv | vv]."""
     F = s.shape[1]
-    s, v = s + ds, v + dv
     uvvv = vec_uv(v)
     vv = uvvv[..., F:]
     return torch.cat([s, torch.sqrt((vv * vv).sum(1) + 1e-8)], -1), s, v, uvvv

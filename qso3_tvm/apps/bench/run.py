@@ -61,7 +61,7 @@ class BenchConfig:
     budget_s: float = 0.3  # timed seconds per route per round (at least one call)
     max_calls: int = 50  # per route per round
     warmup: int = 3  # untimed calls per case at setup, after the first
-    target: str = "x86-avx512"
+    target: str = "host"
     tvm_fp32: str | None = None  # artifact folders; compiled into the cache when not given
     tvm_int8: str | None = None
     tvm_int8_tuned: str | None = None
@@ -96,7 +96,7 @@ def cpu_info() -> dict:
         elif key == "cpu MHz" and info["mhz"] is None:
             info["mhz"] = float(value)
         elif key == "flags" and not info["flags"]:
-            info["flags"] = sorted(f for f in value.split() if f.startswith(("avx512", "amx", "avx_vnni", "fma")))
+            info["flags"] = sorted(f for f in value.split() if f.startswith(("avx512", "avx2", "amx", "avx_vnni", "fma")))
     return info
 
 
@@ -443,7 +443,11 @@ def _check_config(cfg: BenchConfig) -> None:
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Prepare every route, time them alternately, and write the reports; returns the JSON result."""
     _check_config(cfg)
+    from ...compiler.targets import HOST, host_preset
     from ...nn.checkpoint import load_model, resolve_model_path
+
+    if cfg.target == HOST:
+        cfg.target = host_preset()
 
     ref_model = load_model(resolve_model_path(cfg.model_fp32))
     molecules = {w: workload_molecules(w, tuple(ref_model.cfg.species)) for w in cfg.workloads}

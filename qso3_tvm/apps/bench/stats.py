@@ -11,8 +11,10 @@ from .routes import INT8_ROUTES
 if TYPE_CHECKING:
     from .run import BenchConfig
 
-# peak multiply-accumulates per cycle per core (AVX-512: two 512-bit FMA ports on Xeon server cores)
+# peak multiply-accumulates per cycle per core: AVX-512, two 512-bit FMA ports on Xeon server cores (int8: vpdpbusd);
+# AVX2, two 256-bit ports (int8: vpmaddubsw, 32 byte pairs each)
 MAC_PER_CYCLE = {"fp32": 2 * 16, "int8": 2 * 64}
+MAC_PER_CYCLE_AVX2 = {"fp32": 2 * 8, "int8": 2 * 32}
 
 
 # ---------------------------------------------------------------- timing statistics
@@ -92,10 +94,10 @@ def workload_macs(model_spec: str, wl: dict, mols: list) -> dict:
 def peaks(cpu: dict, cores: int) -> dict:
     ghz = (cpu.get("mhz") or 2000.0) / 1e3
     flags = set(cpu.get("flags", []))
-    out = {"cores": cores, "ghz": ghz, "clock_source": "/proc/cpuinfo 'cpu MHz'" if cpu.get("mhz") else "assumed 2.0 GHz",
-           "fp32_gmac_s": cores * ghz * MAC_PER_CYCLE["fp32"] if "avx512f" in flags else cores * ghz * 16,
-           "int8_gmac_s": cores * ghz * MAC_PER_CYCLE["int8"] if "avx512_vnni" in flags else None}
-    return out
+    fp32 = MAC_PER_CYCLE["fp32"] if "avx512f" in flags else MAC_PER_CYCLE_AVX2["fp32"]
+    int8 = MAC_PER_CYCLE["int8"] if "avx512_vnni" in flags else MAC_PER_CYCLE_AVX2["int8"] if "avx2" in flags else None
+    return {"cores": cores, "ghz": ghz, "clock_source": "/proc/cpuinfo 'cpu MHz'" if cpu.get("mhz") else "assumed 2.0 GHz",
+            "fp32_gmac_s": cores * ghz * fp32, "int8_gmac_s": cores * ghz * int8 if int8 else None}
 
 
 def floor_ms(macs: dict, mode: str, int8: bool, pk: dict) -> float:

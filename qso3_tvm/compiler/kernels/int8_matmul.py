@@ -5,6 +5,8 @@ the weights packed at compile time (N padded with zero columns to the instructio
 
   x86 + AVX-512 VNNI  vpdpbusd, u8 x s8: weights packed [N/16, K/4, 16, 4]; the activation codes
                       are shifted into u8 (a + 128) and 128·Σ_k w[k, n] is subtracted (exact)
+  x86 + AVX2          vpsignb + vpmaddubsw + vpmaddwd, s8 x s8 (|a| · sign(a) w: pairs stay below
+                      2^15, exact): weights packed [N/8, K/4, 8, 4]
   arm64 + dotprod     sdot, s8 x s8: weights packed [N/4, K/4, 4, 4]
   arm64 (NEON only)   smull + sadalp, s8 x s8: same packing as sdot
   other CPUs          16-column int32 multiply-adds on the same packing
@@ -46,7 +48,56 @@ def dot_kernel(target) -> DotKernel | None:
         from ..tvm_fixes import register_vnni_intrin
 
         return DotKernel("x86-vnni-vpdpbusd", register_vnni_intrin(), 16, "uint8")
+    if target_has_features("avx2", target):
+        return DotKernel("x86-avx2-vpmaddubsw", register_avx2_intrin(), 8, "int8")
     return None
+
+
+AVX2_INTRIN = "qso3_dot_8x4_i8i8i32_avx2"
+
+
+def register_avx2_intrin() -> str:
+    """Register (once) an 8x4 s8·s8 -> i32 dot intrinsic for AVX2: C[i] += Σ_k A[k] B[i, k] as
+    vpmaddubsw(|a|, sign(a)·b) (u8 × s8 pairs; |a| ≤ 128 and |b| ≤ 127 keep each pair sum below 2^15, so
+    no saturation) then vpmaddwd with ones; returns its name."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    try:
+        TensorIntrin.get(AVX2_INTRIN)
+        return AVX2_INTRIN
+    except ValueError:  # not registered yet
+        pass
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            for i, k in T.grid(8, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32")
+            b = B.vload([0, 0], dtype="int8x32")
+            pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), a, a, dtype="int8x32"),
+                T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), b, a, dtype="int8x32"),
+                dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+
+    TensorIntrin.register(AVX2_INTRIN, desc, impl)
+    return AVX2_INTRIN
 
 
 def pack_weights(w: np.ndarray, block_n: int) -> np.ndarray:
@@ -160,7 +211,8 @@ def emit_linear(bb, x, w_codes_t: np.ndarray, s_x: float, s_w: np.ndarray, bias:
 def qkv_linear_func(k: int, F: int, kern: DotKernel | None, qmin: int, qmax: int, zp: int):
     """One kernel for the three int8 Linears that read a layer's scalars s (q, k: F outputs, value: 2F): per row the
     codes of s at each Linear's own step, the products on the dot instruction (value as two segments of F outputs
-    sharing its step) and the three outputs, scaled and biased. Weights packed per segment [4, F/bn, k/4, bn, 4]."""
+    sharing its step) and the three outputs, scaled and biased, and s copied (nn.ops.int8_linear.int8_qkv_op).
+    Weights packed per segment [4, F/bn, k/4, bn, 4]."""
     from tvm import s_tir
     from tvm.script import tirx as T
 
@@ -174,18 +226,23 @@ def qkv_linear_func(k: int, F: int, kern: DotKernel | None, qmin: int, qmax: int
     @T.prim_func(s_tir=True)
     def qkv(x_h: T.handle, s_x: T.Buffer((4,), "float32"), w: T.Buffer((4, F // bn, k // 4, bn, 4), "int8"),
             corr: T.Buffer((4, F), "int32"), scale: T.Buffer((4, F), "float32"), bias: T.Buffer((4, F), "float32"),
-            q_h: T.handle, k_h: T.handle, v_h: T.handle):
+            q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
         X = T.match_buffer(x_h, (m, k), "float32")
         Q = T.match_buffer(q_h, (m, F), "float32")
         K = T.match_buffer(k_h, (m, F), "float32")
         V = T.match_buffer(v_h, (m, 2 * F), "float32")
+        S = T.match_buffer(s_h, (m, k), "float32")
         for i in range(m):
             with T.sblock("row"):
                 r = T.axis.spatial(m, i)
                 A = T.sblock_alloc_buffer((4, k), a_dtype)
                 C = T.sblock_alloc_buffer((4, F), "int32")
+                for j in range(k):
+                    with T.sblock("copy"):
+                        vj = T.axis.spatial(k, j)
+                        S[r, vj] = X[r, vj]
                 for g, j in T.grid(4, k):
                     with T.sblock("codes"):
                         vg, vj = T.axis.remap("SS", [g, j])
@@ -212,7 +269,7 @@ def qkv_linear_func(k: int, F: int, kern: DotKernel | None, qmin: int, qmax: int
 
     sch = s_tir.Schedule(qkv)
     _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("codes"))[-1])
-    for name in ("out_q", "out_k", "out_v"):
+    for name in ("copy", "out_q", "out_k", "out_v"):
         _vectorize_innermost(sch, sch.get_loops(sch.get_sblock(name))[-1])
     _schedule_product(sch, kern, bn, code_vectors=True)
     return row_kernel(sch.mod["main"], f"qso3_int8_qkv_{k}x{F}" + (f"_{kern.name}" if kern else ""))
@@ -229,15 +286,136 @@ def qkv_weights(linears, zp: int, kern: DotKernel | None) -> list[np.ndarray]:
 
 
 def emit_qkv(bb, x, linears, bounds: tuple[int, int, int], kern: DotKernel | None):
-    """Emit the call of qkv_linear_func for rows x (M, k): (q (M, F), k (M, F), value (M, 2F)). linears: qkv_weights'."""
+    """Emit the call of qkv_linear_func for rows x (M, k): (q (M, F), k (M, F), value (M, 2F), x). linears: qkv_weights'."""
     from tvm import relax
 
     k, F = linears[0][0].shape
     func = qkv_linear_func(k, F, kern, *bounds)
     gv = bb.add_func(func, func.attrs["global_symbol"])
     m = x.ty.shape[0]
-    outs = [relax.TensorType([m, n], "float32") for n in (F, F, 2 * F)]
+    outs = [relax.TensorType([m, n], "float32") for n in (F, F, 2 * F, k)]
     return bb.emit(relax.call_tir(gv, [x, *map(relax.const, qkv_weights(linears, bounds[2], kern))], outs))
+
+
+def qkv_grad_func(k: int, F: int, kern: DotKernel | None, qmin: int, qmax: int):
+    """One kernel for nn.ops.int8_linear.int8_qkv_grad_op: O (M, k') = G_x + Σ over q, k, value of grad_product_func's
+    product (each Linear's own row step over its outputs, value's 2F as two segments of F, its own straight-through
+    mask of X). Weights: each segment's W^T (F, k) packed [4, k'/bn, F/4, bn, 4], corrections (4, k'), steps s_w (4, F)
+    and s_x (3,)."""
+    from tvm import s_tir, tirx
+    from tvm.script import tirx as T
+
+    from .schedule import _vectorize_innermost
+
+    bn, a_dtype = _operands(kern)
+    zp = _u8_shift(kern)
+    kp = k + (-k % bn)
+    if F % 16:
+        raise ValueError(f"qkv_grad_func needs F = {F} a multiple of 16")
+    mask = lambda x, s: _input_mask(tirx, x, s, qmin, qmax, False, None)  # noqa: E731
+    tiny, levels = T.float32(1e-30), T.float32(127)
+
+    @T.prim_func(s_tir=True)
+    def qkv_grad(gq_h: T.handle, gk_h: T.handle, gv_h: T.handle, gx_h: T.handle, x_h: T.handle,
+                 s_w: T.Buffer((4, F), "float32"), w: T.Buffer((4, kp // bn, F // 4, bn, 4), "int8"),
+                 corr: T.Buffer((4, kp), "int32"), s_x: T.Buffer((3,), "float32"), o_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        Gq = T.match_buffer(gq_h, (m, F), "float32")
+        Gk = T.match_buffer(gk_h, (m, F), "float32")
+        Gv = T.match_buffer(gv_h, (m, 2 * F), "float32")
+        Gx = T.match_buffer(gx_h, (m, k), "float32")
+        X = T.match_buffer(x_h, (m, k), "float32")
+        O = T.match_buffer(o_h, (m, kp), "float32")
+        for i in range(m):
+            with T.sblock("row"):
+                r = T.axis.spatial(m, i)
+                aq = T.sblock_alloc_buffer((1,), "float32")  # each Linear's row maximum (one writer per buffer)
+                ak = T.sblock_alloc_buffer((1,), "float32")
+                av = T.sblock_alloc_buffer((1,), "float32")
+                A = T.sblock_alloc_buffer((4, 2, F), a_dtype)
+                C = T.sblock_alloc_buffer((4, 2, kp), "int32")
+                for j in range(F):
+                    with T.sblock("amax_q"):
+                        vj = T.axis.reduce(F, j)
+                        with T.init():
+                            aq[0] = T.min_value("float32")
+                        aq[0] = T.max(aq[0], T.fabs(Gq[r, vj] * s_w[0, vj]))
+                for j in range(F):
+                    with T.sblock("amax_k"):
+                        vj = T.axis.reduce(F, j)
+                        with T.init():
+                            ak[0] = T.min_value("float32")
+                        ak[0] = T.max(ak[0], T.fabs(Gk[r, vj] * s_w[1, vj]))
+                for j in range(2 * F):
+                    with T.sblock("amax_v"):
+                        vj = T.axis.reduce(2 * F, j)
+                        with T.init():
+                            av[0] = T.min_value("float32")
+                        av[0] = T.max(av[0], T.fabs(Gv[r, vj] * s_w[2 + vj // F, vj % F]))
+                for g, c, j in T.grid(4, 2, F):
+                    with T.sblock("codes"):
+                        vg, vc, vj = T.axis.remap("SSS", [g, c, j])
+                        A[vg, vc, vj] = T.cast(T.cast(_code(T, T.if_then_else(
+                            vg == 0, Gq[r, vj], T.if_then_else(vg == 1, Gk[r, vj], Gv[r, T.max(vg - 2, 0) * F + vj]))
+                            * s_w[vg, vj] * (T.float32(1) / T.max(T.if_then_else(vg == 0, aq[0], T.if_then_else(vg == 1, ak[0], av[0])), tiny) * levels), vc), "int32") + zp, a_dtype)
+                for g, c, kk, j in T.grid(4, 2, kp, F):
+                    with T.sblock("C"):
+                        vg, vc, vk, vj = T.axis.remap("SSSR", [g, c, kk, j])
+                        with T.init():
+                            C[vg, vc, vk] = 0
+                        C[vg, vc, vk] = C[vg, vc, vk] + T.cast(A[vg, vc, vj], "int32") * T.cast(
+                            w[vg, vk // bn, vj // 4, vk % bn, vj % 4], "int32")
+                for kk in range(kp):
+                    with T.sblock("out"):
+                        vk = T.axis.spatial(kp, kk)
+                        O[r, vk] = (Gx[r, T.min(vk, k - 1)]
+                                    + ((T.cast(C[0, 0, vk] - corr[0, vk], "float32") + T.cast(C[0, 1, vk] - corr[0, vk], "float32") / T.float32(254))
+                                       * (T.max(aq[0], tiny) / levels)) * mask(X[r, T.min(vk, k - 1)], s_x[0])
+                                    + ((T.cast(C[1, 0, vk] - corr[1, vk], "float32") + T.cast(C[1, 1, vk] - corr[1, vk], "float32") / T.float32(254))
+                                       * (T.max(ak[0], tiny) / levels)) * mask(X[r, T.min(vk, k - 1)], s_x[1])
+                                    + ((T.cast(C[2, 0, vk] - corr[2, vk] + C[3, 0, vk] - corr[3, vk], "float32")
+                                        + T.cast(C[2, 1, vk] - corr[2, vk] + C[3, 1, vk] - corr[3, vk], "float32") / T.float32(254))
+                                       * (T.max(av[0], tiny) / levels)) * mask(X[r, T.min(vk, k - 1)], s_x[2]))
+
+    sch = s_tir.Schedule(qkv_grad)
+    for name, width in (("amax_q", F), ("amax_k", F), ("amax_v", 2 * F)):  # row maxima in 16 lanes, then across them
+        jo, ji = sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, 16])
+        sch.vectorize(sch.get_loops(sch.rfactor(ji, 0))[-1])
+    codes = sch.get_sblock("codes")
+    for loop in sch.get_loops(codes)[-3:-1]:
+        sch.unroll(loop)
+    _vectorize_innermost(sch, sch.get_loops(codes)[-1])
+    _vectorize_innermost(sch, sch.get_loops(sch.get_sblock("out"))[-1])
+    _schedule_product(sch, kern, bn, code_vectors=True)
+    return row_kernel(sch.mod["main"], f"qso3_int8_qkv_grad_{k}x{F}" + (f"_{kern.name}" if kern else ""))
+
+
+def qkv_grad_weights(w_codes: list[np.ndarray], s_w: list[np.ndarray], kern: DotKernel | None) -> list[np.ndarray]:
+    """qkv_grad_func's s_w (4, F), packed weights and corrections from the weight codes (k, n) and steps (n,) of q, k,
+    value (value split into its two halves of F outputs)."""
+    F = w_codes[0].shape[1]
+    segs = [w_codes[0], w_codes[1], w_codes[2][:, :F], w_codes[2][:, F:]]
+    packed = [grad_product_weights(np.ascontiguousarray(w), kern) for w in segs]
+    steps = np.stack([s_w[0], s_w[1], s_w[2][:F], s_w[2][F:]]).astype(np.float32)
+    return [steps, np.stack([p[0] for p in packed]), np.stack([p[1] for p in packed])]
+
+
+def emit_qkv_grad(bb, grads, x, w_codes: list[np.ndarray], s_x: list[float], s_w: list[np.ndarray],
+                  bounds: tuple[int, int], kern: DotKernel | None):
+    """Emit the call of qkv_grad_func for the gradients (g_q, g_k, g_value, g_x) and the rows x (M, k): (M, k) float32."""
+    from tvm import relax
+
+    k, F = w_codes[0].shape
+    func = qkv_grad_func(k, F, kern, *bounds)
+    gv = bb.add_func(func, func.attrs["global_symbol"])
+    steps, packed, corr = qkv_grad_weights(w_codes, s_w, kern)
+    consts = [steps, packed, corr, np.array(s_x, np.float32)]
+    out = bb.emit(relax.call_tir(gv, [*grads, x, *map(relax.const, consts)],
+                                 relax.TensorType([x.ty.shape[0], corr.shape[1]], "float32")))
+    if corr.shape[1] != k:
+        out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[k]))
+    return out
 
 
 def grad_product_func(n: int, k: int, kern: DotKernel | None, qmin: int, qmax: int, silu: bool):

@@ -2,11 +2,12 @@
 channels F and heads H static). They implement the torch operators of nn.ops.messages (the numerics
 are defined there) and replace them at import (compiler.relax_import.CONVERTERS).
 
-Each runs one pass over the edges: per edge it gathers the sender's values, forms the messages in
+Each runs one pass over the edges per head: per edge it gathers the sender's values, forms the messages in
 registers (channels of a head are one vector: α is a scalar there) and adds them to the receiver's
 sums, so no edge-sized message, gather or gradient tensor is written except the gradient of φ, which
 the radial filter's backward needs. Edges are visited in order, so sums are in the same order as
-the torch operator's index_add.
+the torch operator's index_add. The layer's l=1 channel mix W v (vec_value) is computed per atom inside the
+kernels (forward and backward), and the residual sums s + ds, v + dv are the forward's outputs.
 """
 
 from __future__ import annotations
@@ -34,19 +35,69 @@ def _lane_sum(T, x, d: int, *row):
         half //= 2
 
 
+def _atom_mixes(channels: int):
+    """Macros: per atom a, the l=1 channel mix vv[a] = W v[a] (wt = W^T) and the gradient of v through it and the
+    residual, g_v0[a] = g_v[a] + W^T g_vv[a] (wm = W): all F output channels as one vector per component, the sums
+    in the atom's own buffer."""
+    from tvm.script import tirx as T
+
+    F = channels
+    B = 32 if F % 32 == 0 else F  # output channels per pass: 3 x B accumulators fit the 16 AVX2 registers
+
+    @T.macro
+    def atom_values(a, v, wt, vv):
+        with T.sblock("atom_values"):
+            T.reads()
+            T.writes()
+            acc = T.alloc_buffer((3, B), "float32")
+            for ob in range(F // B):
+                for k in range(3):
+                    for o in T.vectorized(B):
+                        acc[k, o] = T.float32(0)
+                for c in range(F):
+                    for k in range(3):
+                        for o in T.vectorized(B):
+                            acc[k, o] = acc[k, o] + v[a, k, c] * wt[c, ob * B + o]
+                for k in range(3):
+                    for o in T.vectorized(B):
+                        vv[a, k, ob * B + o] = acc[k, o]
+
+    @T.macro
+    def v_gradient(a, g_v, g_vv, wm, g_v0):
+        with T.sblock("v_gradient"):
+            T.reads()
+            T.writes()
+            acc = T.alloc_buffer((3, B), "float32")
+            for cb in range(F // B):
+                for k in range(3):
+                    for c in T.vectorized(B):
+                        acc[k, c] = g_v[a, k, cb * B + c]
+                for o in range(F):
+                    for k in range(3):
+                        for c in T.vectorized(B):
+                            acc[k, c] = acc[k, c] + g_vv[a, k, o] * wm[o, cb * B + c]
+                for k in range(3):
+                    for c in T.vectorized(B):
+                        g_v0[a, k, cb * B + c] = acc[k, c]
+
+    return atom_values, v_gradient
+
+
 def forward_func(channels: int, heads: int):
-    """PrimFunc (α (e, H), φ (e, 3F), val (n, 2F), vv (n, 3, F), u (e, 3), src, dst) -> ds (n, F), dv (n, 3, F).
-    One pass over the edges per head; heads run on the thread pool when there are PARALLEL_MIN_EDGES edges."""
+    """PrimFunc (α (e, H), φ (e, 3F), val (n, 2F), s (n, F), v (n, 3, F), W^T (F, F), u (e, 3), src, dst) -> s1 (n, F),
+    v1 (n, 3, F). W v for every atom, then per head one pass over the edges adding the messages to the receivers' sums
+    (started at s, v); atoms and heads run on the thread pool when there are PARALLEL_MIN_EDGES edges."""
     from tvm.script import tirx as T
 
     F, d = _sizes(channels, heads)
+    atom_values, _ = _atom_mixes(channels)
 
     @T.macro
-    def head_pass(h, n, e, alpha, phi, val, vv, u, src, dst, ds, dv):
+    def head_pass(h, n, e, alpha, phi, val, s, v, u, src, dst, ds, dv, vv):
         for a, l in T.grid(n, d):
-            ds[a, h * d + l] = T.float32(0)
+            ds[a, h * d + l] = s[a, h * d + l]
             for k in range(3):
-                dv[a, k, h * d + l] = T.float32(0)
+                dv[a, k, h * d + l] = v[a, k, h * d + l]
         for i in range(e):
             for l in T.vectorized(d):
                 ds[dst[i], h * d + l] = ds[dst[i], h * d + l] + alpha[i, h] * phi[i, h * d + l] * val[src[i], h * d + l]
@@ -57,41 +108,50 @@ def forward_func(channels: int, heads: int):
                         + alpha[i, h] * phi[i, 2 * F + h * d + l] * vv[src[i], k, h * d + l])
 
     @T.prim_func(s_tir=True)
-    def messages_fwd(alpha_h: T.handle, phi_h: T.handle, val_h: T.handle, vv_h: T.handle, u_h: T.handle,
-                     src_h: T.handle, dst_h: T.handle, ds_h: T.handle, dv_h: T.handle):
+    def messages_fwd(alpha_h: T.handle, phi_h: T.handle, val_h: T.handle, s_h: T.handle, v_h: T.handle,
+                     wt: T.Buffer((F, F), "float32"), u_h: T.handle, src_h: T.handle, dst_h: T.handle, ds_h: T.handle,
+                     dv_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         n, e = T.int64(), T.int64()
         alpha = T.match_buffer(alpha_h, (e, heads), "float32")
         phi = T.match_buffer(phi_h, (e, 3 * F), "float32")
         val = T.match_buffer(val_h, (n, 2 * F), "float32")
-        vv = T.match_buffer(vv_h, (n, 3, F), "float32")
+        s = T.match_buffer(s_h, (n, F), "float32")
+        v = T.match_buffer(v_h, (n, 3, F), "float32")
         u = T.match_buffer(u_h, (e, 3), "float32")
         src = T.match_buffer(src_h, (e,), "int64")
         dst = T.match_buffer(dst_h, (e,), "int64")
         ds = T.match_buffer(ds_h, (n, F), "float32")
         dv = T.match_buffer(dv_h, (n, 3, F), "float32")
         with T.sblock("root"):
+            vv = T.alloc_buffer((n, 3, F), "float32")  # W v per atom
             if e >= PARALLEL_MIN_EDGES:
+                for a in T.parallel(n):
+                    atom_values(a, v, wt, vv)
                 for h in T.parallel(heads):
-                    head_pass(h, n, e, alpha, phi, val, vv, u, src, dst, ds, dv)
+                    head_pass(h, n, e, alpha, phi, val, s, v, u, src, dst, ds, dv, vv)
             else:
+                for a in range(n):
+                    atom_values(a, v, wt, vv)
                 for h in range(heads):
-                    head_pass(h, n, e, alpha, phi, val, vv, u, src, dst, ds, dv)
+                    head_pass(h, n, e, alpha, phi, val, s, v, u, src, dst, ds, dv, vv)
 
     return messages_fwd.with_attrs({"global_symbol": f"qso3_messages_{F}x{heads}", "tirx.is_scheduled": True,
                                     "op_pattern": 8})
 
 
 def backward_func(channels: int, heads: int):
-    """PrimFunc (g_s (n, F), g_v (n, 3, F), α, φ, val, vv, u, src, dst) -> gradients of (α, φ, val, vv, u).
-    One pass over the edges per head (on the thread pool as in the forward); the gradient of u, which
-    sums over all heads, is summed from per-head parts at the end."""
+    """PrimFunc (g_s1 (n, F), g_v1 (n, 3, F), α, φ, val, v, W (F, F), W^T, u, src, dst) -> gradients of (α, φ, val, v, u).
+    W v recomputed per atom, one pass over the edges per head (on the thread pool as in the forward), then per atom
+    the gradient of v, g_v1 + W^T-mix of the neighbor parts. The gradient of u, which sums over all heads, is summed
+    from per-head parts at the end."""
     from tvm.script import tirx as T
 
     F, d = _sizes(channels, heads)
+    atom_values, v_gradient = _atom_mixes(channels)
 
     @T.macro
-    def head_pass(h, n, e, g_s, g_v, alpha, phi, val, vv, u, src, dst, g_alpha_t, g_phi, g_val, g_vv, part):
+    def head_pass(h, n, e, g_s, g_v, alpha, phi, val, u, src, dst, g_alpha_t, g_phi, g_val, g_vv, part, vv):
         with T.sblock("head"):  # its own lane buffers per thread
             T.reads()
             T.writes()
@@ -130,8 +190,9 @@ def backward_func(channels: int, heads: int):
 
     @T.prim_func(s_tir=True)
     def messages_bwd(gs_h: T.handle, gv_h: T.handle, alpha_h: T.handle, phi_h: T.handle, val_h: T.handle,
-                     vv_h: T.handle, u_h: T.handle, src_h: T.handle, dst_h: T.handle, g_alpha_h: T.handle,
-                     g_phi_h: T.handle, g_val_h: T.handle, g_vv_h: T.handle, g_u_h: T.handle):
+                     v_h: T.handle, wm: T.Buffer((F, F), "float32"), wt: T.Buffer((F, F), "float32"), u_h: T.handle,
+                     src_h: T.handle, dst_h: T.handle, g_alpha_h: T.handle, g_phi_h: T.handle, g_val_h: T.handle,
+                     g_v0_h: T.handle, g_u_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         n, e = T.int64(), T.int64()
         g_s = T.match_buffer(gs_h, (n, F), "float32")
@@ -139,26 +200,36 @@ def backward_func(channels: int, heads: int):
         alpha = T.match_buffer(alpha_h, (e, heads), "float32")
         phi = T.match_buffer(phi_h, (e, 3 * F), "float32")
         val = T.match_buffer(val_h, (n, 2 * F), "float32")
-        vv = T.match_buffer(vv_h, (n, 3, F), "float32")
+        v = T.match_buffer(v_h, (n, 3, F), "float32")
         u = T.match_buffer(u_h, (e, 3), "float32")
         src = T.match_buffer(src_h, (e,), "int64")
         dst = T.match_buffer(dst_h, (e,), "int64")
         g_alpha = T.match_buffer(g_alpha_h, (e, heads), "float32")
         g_phi = T.match_buffer(g_phi_h, (e, 3 * F), "float32")
         g_val = T.match_buffer(g_val_h, (n, 2 * F), "float32")
-        g_vv = T.match_buffer(g_vv_h, (n, 3, F), "float32")
+        g_v0 = T.match_buffer(g_v0_h, (n, 3, F), "float32")
         g_u = T.match_buffer(g_u_h, (e, 3), "float32")
         with T.sblock("root"):
             # per-head rows (heads on different threads never write to one cache line): the parts of the
             # gradient of u, which sums over heads, and the gradient of α, moved to its (edge, head) layout at the end
             part = T.alloc_buffer((heads, e, 3), "float32")
             g_alpha_t = T.alloc_buffer((heads, e), "float32")
+            vv = T.alloc_buffer((n, 3, F), "float32")  # W v per atom
+            g_vv = T.alloc_buffer((n, 3, F), "float32")  # the gradient of W v per atom
             if e >= PARALLEL_MIN_EDGES:
+                for a in T.parallel(n):
+                    atom_values(a, v, wt, vv)
                 for h in T.parallel(heads):
-                    head_pass(h, n, e, g_s, g_v, alpha, phi, val, vv, u, src, dst, g_alpha_t, g_phi, g_val, g_vv, part)
+                    head_pass(h, n, e, g_s, g_v, alpha, phi, val, u, src, dst, g_alpha_t, g_phi, g_val, g_vv, part, vv)
+                for a in T.parallel(n):
+                    v_gradient(a, g_v, g_vv, wm, g_v0)
             else:
+                for a in range(n):
+                    atom_values(a, v, wt, vv)
                 for h in range(heads):
-                    head_pass(h, n, e, g_s, g_v, alpha, phi, val, vv, u, src, dst, g_alpha_t, g_phi, g_val, g_vv, part)
+                    head_pass(h, n, e, g_s, g_v, alpha, phi, val, u, src, dst, g_alpha_t, g_phi, g_val, g_vv, part, vv)
+                for a in range(n):
+                    v_gradient(a, g_v, g_vv, wm, g_v0)
             for i, k in T.grid(e, 3):
                 g_u[i, k] = part[0, i, k]
                 for h in range(1, heads):

@@ -13,20 +13,18 @@ from .schedule import row_kernel
 
 
 def residual_norms_func(channels: int):
-    """(s, ds (n, F), v, dv (n, 3, F), W^T (F, 2F)) -> x (n, 2F) = [s + ds | |vv|], s + ds, v + dv, uvvv (n, 3, 2F)."""
+    """(s (n, F), v (n, 3, F), W^T (F, 2F)) -> x (n, 2F) = [s | |vv|], s, v (copies), uvvv (n, 3, 2F)."""
     from tvm.script import tirx as T
 
     F = channels
 
     @T.prim_func(s_tir=True)
-    def residual_norms(s_h: T.handle, ds_h: T.handle, v_h: T.handle, dv_h: T.handle, wt: T.Buffer((F, 2 * F), "float32"),
+    def residual_norms(s_h: T.handle, v_h: T.handle, wt: T.Buffer((F, 2 * F), "float32"),
                        x_h: T.handle, s1_h: T.handle, v1_h: T.handle, uvvv_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         n = T.int64()
         s = T.match_buffer(s_h, (n, F), "float32")
-        ds = T.match_buffer(ds_h, (n, F), "float32")
         v = T.match_buffer(v_h, (n, 3, F), "float32")
-        dv = T.match_buffer(dv_h, (n, 3, F), "float32")
         x = T.match_buffer(x_h, (n, 2 * F), "float32")
         s1 = T.match_buffer(s1_h, (n, F), "float32")
         v1 = T.match_buffer(v1_h, (n, 3, F), "float32")
@@ -35,19 +33,17 @@ def residual_norms_func(channels: int):
             with T.sblock("row"):
                 r = T.axis.spatial(n, i)
                 acc = T.sblock_alloc_buffer((3, 2 * F), "float32")
-                vr = T.sblock_alloc_buffer((3, F), "float32")  # v + dv (the row block reads none of its outputs)
                 for c in T.vectorized(F):
-                    x[r, c] = s[r, c] + ds[r, c]
-                    s1[r, c] = s[r, c] + ds[r, c]
+                    x[r, c] = s[r, c]
+                    s1[r, c] = s[r, c]
                 for k in range(3):
                     for c in T.vectorized(F):
-                        vr[k, c] = v[r, k, c] + dv[r, k, c]
-                        v1[r, k, c] = vr[k, c]
+                        v1[r, k, c] = v[r, k, c]
                     for o in T.vectorized(2 * F):
                         acc[k, o] = T.float32(0)
                     for c in range(F):
                         for o in T.vectorized(2 * F):
-                            acc[k, o] = acc[k, o] + vr[k, c] * wt[c, o]
+                            acc[k, o] = acc[k, o] + v[r, k, c] * wt[c, o]
                     for o in T.vectorized(2 * F):
                         uvvv[r, k, o] = acc[k, o]
                 for c in T.vectorized(F):

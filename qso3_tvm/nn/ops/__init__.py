@@ -10,3 +10,13 @@ def fuse_operators(model):
     from .update import fuse_update
 
     return fuse_geometry(fuse_update(fuse_messages(model)))
+
+
+def linear_weight(linear):
+    """The weight matrix (out, in) of a vector-branch Linear (float, or nn.int8.Int8WeightLinear dequantized) that a
+    fused operator takes as a constant; such Linears have no bias (a bias breaks equivariance)."""
+    if getattr(linear, "bias", None) is not None:
+        raise ValueError("the fused operators take a vector Linear without bias (a bias breaks equivariance)")
+    if hasattr(linear, "dequantized_weight"):  # nn.int8.Int8WeightLinear
+        return linear.dequantized_weight()
+    return linear.weight

@@ -4,7 +4,9 @@ numerics):
   qso3::int8_grad_product   backward: g · W_q^T with the gradient rows as two int8 code vectors, times the
                             straight-through mask of the input
 
-  qso3::int8_qkv            the three Linears of a layer's scalars (q, k, value), each with its own step
+  qso3::int8_qkv            the three Linears of a layer's scalars (q, k, value), each with its own step, and the
+                            scalars passed on (so that their other use's gradient joins the backward kernel)
+  qso3::int8_qkv_grad       its backward: the three masked int8 backward products and that gradient, summed
 
 nn.int8.to_int8(custom_ops=True) makes Int8Linear (and Int8QKV) call them, so the exported graph holds one node per
 forward and per backward product, which compiler.relax_import maps to one TIR kernel each
@@ -51,16 +53,33 @@ def _(grad, w_codes_t, s_w, x, s_x, qmin, qmax, silu):
 def int8_qkv_op(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, s_xq: torch.Tensor,
                 s_xk: torch.Tensor, s_xv: torch.Tensor, s_wq: torch.Tensor, s_wk: torch.Tensor, s_wv: torch.Tensor,
                 b_q: torch.Tensor, b_k: torch.Tensor, b_v: torch.Tensor, qmin: int, qmax: int,
-                zp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                zp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three int8 Linears of one input x (rows, in), each with its own step: (q, k, value) = int8_linear of
-    (w_q, s_xq, s_wq, b_q), (w_k, ...), (w_v, ...)."""
+    (w_q, s_xq, s_wq, b_q), (w_k, ...), (w_v, ...), and a copy of x."""
     from ..int8 import int8_linear
 
     q, k, v = (int8_linear(x, w, s_x, s_w, b, qmin, qmax, zp)
                for w, s_x, s_w, b in ((w_q, s_xq, s_wq, b_q), (w_k, s_xk, s_wk, b_k), (w_v, s_xv, s_wv, b_v)))
-    return q, k, v
+    return q, k, v, x.clone()
 
 
 @int8_qkv_op.register_fake
 def _(x, w_q, w_k, w_v, *rest):
-    return tuple(x.new_empty((x.shape[0], w.shape[1])) for w in (w_q, w_k, w_v))
+    return tuple(x.new_empty((x.shape[0], w.shape[1])) for w in (w_q, w_k, w_v)) + (x.new_empty(x.shape),)
+
+
+@torch.library.custom_op("qso3::int8_qkv_grad", mutates_args=())
+def int8_qkv_grad_op(g_q: torch.Tensor, g_k: torch.Tensor, g_v: torch.Tensor, g_x: torch.Tensor, x: torch.Tensor,
+                     w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, s_xq: torch.Tensor, s_xk: torch.Tensor,
+                     s_xv: torch.Tensor, s_wq: torch.Tensor, s_wk: torch.Tensor, s_wv: torch.Tensor, qmin: int,
+                     qmax: int) -> torch.Tensor:
+    """The gradient of x (rows, in) through int8_qkv: g_x (that of the copy) plus each Linear's int8_grad_product_op."""
+    out = g_x
+    for g, w, s_x, s_w in ((g_q, w_q, s_xq, s_wq), (g_k, w_k, s_xk, s_wk), (g_v, w_v, s_xv, s_wv)):
+        out = out + int8_grad_product_op(g, w, s_w, x, s_x, qmin, qmax, False)
+    return out
+
+
+@int8_qkv_grad_op.register_fake
+def _(g_q, g_k, g_v, g_x, x, *rest):
+    return x.new_empty(x.shape)

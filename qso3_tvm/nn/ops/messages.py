@@ -1,15 +1,17 @@
-"""A layer's messages and their neighbor sums as torch custom operators `qso3::messages` and
+"""A layer's messages, their neighbor sums and the residual sums as torch custom operators `qso3::messages` and
 `qso3::messages_backward` (compiled to one TIR kernel each by compiler.kernels.messages), so that the
 edge-sized messages, gathers and their gradients never reach memory. Per edge e = j -> i, channel c of
-head h (model.aggregate_messages is the definition):
+head h (model.residual_messages is the definition):
 
-    ds_i    = Σ_e α_eh φs_ec vs_jc
-    dv_i,k  = Σ_e α_eh (φr_ec vr_jc u_ek + φv_ec W v_j,k,c)
+    s1_i    = s_i + Σ_e α_eh φs_ec vs_jc
+    v1_i,k  = v_i,k + Σ_e α_eh (φr_ec vr_jc u_ek + φv_ec (W v_j)_k,c)
 
-Inputs: α (E, H) attention, φ (E, 3F) radial filter [φs | φr | φv], val (N, 2F) [vs | vr] per atom,
-vv (N, 3, F) = W v per atom, u (E, 3) unit edge vectors, src, dst (E,). The backward is the exact
-vector-Jacobian product (the operator is linear in each input), written once in torch operators in
-`messages_backward` and once as a TIR kernel.
+Inputs: α (E, H) attention, φ (E, 3F) radial filter [φs | φr | φv], val (N, 2F) [vs | vr] per atom, the
+layer's inputs s (N, F) and v (N, 3, F), W (F, F) the vec_value Linear's weight (a constant), u (E, 3) unit
+edge vectors, src, dst (E,). The layer's inputs enter here (and not in a separate add) so that the gradient of
+v is complete when the backward returns it (g_v1 + W^T-mixed neighbor part: no add kernel), and that of s is
+g_s1 itself. The backward is the exact vector-Jacobian product (the operator is linear in each input), written
+once in torch operators in `messages_backward` and once as a TIR kernel.
 """
 
 from __future__ import annotations
@@ -17,30 +19,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model import aggregate_messages, segment_sum
+from ..model import residual_messages, segment_sum
+
+
+def _mix(weight: torch.Tensor):
+    return lambda t: t @ weight.T
 
 
 @torch.library.custom_op("qso3::messages", mutates_args=())
-def messages(alpha: torch.Tensor, phi: torch.Tensor, val: torch.Tensor, vv: torch.Tensor, u: torch.Tensor,
-             src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return aggregate_messages(alpha, phi, val, vv, u, src, dst)
+def messages(alpha: torch.Tensor, phi: torch.Tensor, val: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+             weight: torch.Tensor, u: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s1, v1 = residual_messages(alpha, phi, val, s, v, _mix(weight), u, src, dst)
+    return s1, v1
 
 
 @messages.register_fake
-def _(alpha, phi, val, vv, u, src, dst):
-    return val.new_empty((val.shape[0], vv.shape[2])), vv.new_empty(vv.shape)
+def _(alpha, phi, val, s, v, weight, u, src, dst):
+    return s.new_empty(s.shape), v.new_empty(v.shape)
 
 
 @torch.library.custom_op("qso3::messages_backward", mutates_args=())
 def messages_backward(g_s: torch.Tensor, g_v: torch.Tensor, alpha: torch.Tensor, phi: torch.Tensor,
-                      val: torch.Tensor, vv: torch.Tensor, u: torch.Tensor, src: torch.Tensor,
+                      val: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, src: torch.Tensor,
                       dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of (α, φ, val, vv, u) from those of (ds, dv)."""
-    n, (E, H), F = val.shape[0], alpha.shape, vv.shape[2]
+    """Gradients of (α, φ, val, v, u) from those of (s1, v1) (that of s is g_s itself)."""
+    n, (E, H), F = val.shape[0], alpha.shape, v.shape[2]
     a = alpha.repeat_interleave(F // H, dim=1)
     phi_s, phi_r, phi_v = phi.split(F, dim=-1)
     val_s, val_r = val[src].split(F, dim=-1)
-    gs, gv, vvj = g_s[dst], g_v[dst], vv[src]  # (E, F), (E, 3, F), (E, 3, F)
+    gs, gv, vvj = g_s[dst], g_v[dst], (v @ weight.T)[src]  # (E, F), (E, 3, F), (E, 3, F)
     t = (gv * u[:, :, None]).sum(1)  # (E, F): the gradient of φr vr α along u
     w = (gv * vvj).sum(1)
     g_a = gs * phi_s * val_s + t * phi_r * val_r + w * phi_v
@@ -49,33 +56,39 @@ def messages_backward(g_s: torch.Tensor, g_v: torch.Tensor, alpha: torch.Tensor,
     g_val = segment_sum(torch.cat([gs * a * phi_s, t * a * phi_r], dim=-1), src, n)
     g_vv = segment_sum((a * phi_v)[:, None, :] * gv, src, n)
     g_u = (gv * (a * phi_r * val_r)[:, None, :]).sum(-1)
-    return g_alpha, g_phi, g_val, g_vv, g_u
+    return g_alpha, g_phi, g_val, g_v + g_vv @ weight, g_u
 
 
 @messages_backward.register_fake
-def _(g_s, g_v, alpha, phi, val, vv, u, src, dst):
-    return alpha.new_empty(alpha.shape), phi.new_empty(phi.shape), val.new_empty(val.shape), vv.new_empty(vv.shape), \
+def _(g_s, g_v, alpha, phi, val, v, weight, u, src, dst):
+    return alpha.new_empty(alpha.shape), phi.new_empty(phi.shape), val.new_empty(val.shape), v.new_empty(v.shape), \
         u.new_empty(u.shape)
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    alpha, phi, val, s, v, weight, u, src, dst = inputs
+    ctx.save_for_backward(alpha, phi, val, v, weight, u, src, dst)
 
 
 def _backward(ctx, g_s, g_v):
-    alpha, phi, val, vv, u, src, dst = ctx.saved_tensors
-    grads = torch.ops.qso3.messages_backward(g_s, g_v, alpha, phi, val, vv, u, src, dst)
-    return (*grads, None, None)
+    alpha, phi, val, v, weight, u, src, dst = ctx.saved_tensors
+    g_s = torch.zeros((v.shape[0], v.shape[2]), dtype=v.dtype, device=v.device) if g_s is None else g_s
+    g_v = torch.zeros_like(v) if g_v is None else g_v
+    g_alpha, g_phi, g_val, g_v0, g_u = torch.ops.qso3.messages_backward(g_s, g_v, alpha, phi, val, v, weight, u, src, dst)
+    return g_alpha, g_phi, g_val, g_s, g_v0, None, g_u, None, None
 
 
 messages.register_autograd(_backward, setup_context=_setup)
 
 
 class MessagesKernel(nn.Module):
-    """Deployment form of a layer's messages and neighbor sums (InteractionLayer.fused_messages)."""
+    """Deployment form of a layer's messages and residual sums (InteractionLayer.fused_messages): the vec_value Linear
+    (float, or int8 weights dequantized; no bias) enters as its weight matrix."""
 
-    def forward(self, alpha, phi, val, vv, u, src, dst):
-        return torch.ops.qso3.messages(alpha, phi, val, vv, u, src, dst)
+    def forward(self, alpha, phi, val, s, v, vec_value, u, src, dst):
+        from . import linear_weight
+
+        return torch.ops.qso3.messages(alpha, phi, val, s, v, linear_weight(vec_value), u, src, dst)
 
 
 def fuse_messages(model: nn.Module) -> nn.Module:

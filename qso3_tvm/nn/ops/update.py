@@ -1,8 +1,8 @@
 """A layer's update around its MLP as torch custom operators, compiled to one TIR kernel each by
 compiler.kernels.update (the numerics are model.residual_norms and model.gated_update):
 
-    qso3::residual_norms     the MLP input [s + ds | |vv|], s + ds, v + dv and the l=1 channel mix
-                             [uv | vv] = W (v + dv): one pass per atom instead of ~7 kernels
+    qso3::residual_norms     the MLP input [s | |vv|] of the residual sums s, v (qso3::messages' outputs), s and v
+                             passed on, and the l=1 channel mix [uv | vv] = W v: one pass per atom instead of ~7 kernels
     qso3::gated_update       s + a_ss + a_sv <uv, vv>, v + a_vv uv: one pass instead of ~4
 and their exact vector-Jacobian products `*_backward` (written once here in torch operators, once as
 TIR kernels). W is the vec_uv Linear's weight (2F, F), dequantized for int8 models (a constant).
@@ -17,15 +17,16 @@ from ..model import gated_update, residual_norms
 
 
 @torch.library.custom_op("qso3::residual_norms", mutates_args=())
-def residual_norms_op(s: torch.Tensor, ds: torch.Tensor, v: torch.Tensor, dv: torch.Tensor,
+def residual_norms_op(s: torch.Tensor, v: torch.Tensor,
                       weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """s, ds (N, F), v, dv (N, 3, F), weight (2F, F) -> x (N, 2F), s + ds, v + dv, uvvv (N, 3, 2F)."""
-    x, s1, v1, uvvv = residual_norms(s, ds, v, dv, lambda t: t @ weight.T)
-    return x, s1, v1, uvvv
+    """s (N, F), v (N, 3, F), weight (2F, F) -> x (N, 2F), s, v (copies: the gradients of both uses meet in the
+    backward kernel), uvvv (N, 3, 2F)."""
+    x, s1, v1, uvvv = residual_norms(s, v, lambda t: t @ weight.T)
+    return x, s1.clone(), v1.clone(), uvvv
 
 
 @residual_norms_op.register_fake
-def _(s, ds, v, dv, weight):
+def _(s, v, weight):
     n, F = s.shape
     return s.new_empty((n, 2 * F)), s.new_empty(s.shape), v.new_empty(v.shape), v.new_empty((n, 3, 2 * F))
 
@@ -33,7 +34,7 @@ def _(s, ds, v, dv, weight):
 @torch.library.custom_op("qso3::residual_norms_backward", mutates_args=())
 def residual_norms_backward(g_x: torch.Tensor, g_s1: torch.Tensor, g_v1: torch.Tensor, g_uvvv: torch.Tensor, x: torch.Tensor,
                             uvvv: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of (s, v) (equal to those of ds, dv) from those of (x, s + ds, v + dv, uvvv)."""
+    """Gradients of (s, v) from those of (x, s, v (the copies), uvvv)."""
     F = x.shape[1] // 2
     g_norm = g_x[:, F:] / x[:, F:]  # d|vv|/dvv = vv / |vv|
     g_uvvv = torch.cat([g_uvvv[..., :F], g_uvvv[..., F:] + g_norm[:, None, :] * uvvv[..., F:]], -1)
@@ -46,7 +47,7 @@ def _(g_x, g_s1, g_v1, g_uvvv, x, uvvv, weight):
 
 
 def _residual_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[0], output[3], inputs[4])
+    ctx.save_for_backward(output[0], output[3], inputs[2])
 
 
 def _residual_backward(ctx, g_x, g_s1, g_v1, g_uvvv):
@@ -55,7 +56,7 @@ def _residual_backward(ctx, g_x, g_s1, g_v1, g_uvvv):
     g_x, g_s1, g_v1, g_uvvv = (torch.zeros_like(t) if g is None else g for g, t in
                                ((g_x, x), (g_s1, x[:, :F]), (g_v1, uvvv[..., :F]), (g_uvvv, uvvv)))
     g_s, g_v = torch.ops.qso3.residual_norms_backward(g_x, g_s1, g_v1, g_uvvv, x, uvvv, weight)
-    return g_s, g_s, g_v, g_v, None
+    return g_s, g_v, None
 
 
 residual_norms_op.register_autograd(_residual_backward, setup_context=_residual_setup)
@@ -111,19 +112,13 @@ class UpdateKernels(nn.Module):
     """Deployment form of a layer's update (InteractionLayer.fused_update): the vec_uv Linear (float, or int8
     weights dequantized; no bias) enters as its weight matrix."""
 
-    def residual_norms(self, s, ds, v, dv, vec_uv):
-        return torch.ops.qso3.residual_norms(s, ds, v, dv, _weight(vec_uv))
+    def residual_norms(self, s, v, vec_uv):
+        from . import linear_weight
+
+        return torch.ops.qso3.residual_norms(s, v, linear_weight(vec_uv))
 
     def gated_update(self, a, s, v, uvvv):
         return torch.ops.qso3.gated_update(a, s, v, uvvv)
-
-
-def _weight(linear: nn.Module) -> torch.Tensor:
-    if getattr(linear, "bias", None) is not None:
-        raise ValueError("the fused update takes a vector Linear without bias (a bias breaks equivariance)")
-    if hasattr(linear, "dequantized_weight"):  # nn.int8.Int8WeightLinear
-        return linear.dequantized_weight()
-    return linear.weight
 
 
 def fuse_update(model: nn.Module) -> nn.Module:
