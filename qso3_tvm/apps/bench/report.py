@@ -124,11 +124,11 @@ def render_physical_limit(res: dict) -> list[str]:
     pl = res["physical_limit"]
     pk = pl["peaks"]
     L = ["## Physical limit", "",
-         f"Peak arithmetic on {pk['cores']} core{'s' if pk['cores'] > 1 else ''} at {pk['ghz']:.2f} GHz ({pk['clock_source']}; turbo and the AVX-512 "
-         f"frequency licence are unknown in this VM, so this is the nominal clock): fp32 AVX-512 FMA "
-         f"{pk['cores']} × {pk['ghz']:.2f} GHz × 32 MAC/cycle (2 FMA ports × 16 lanes) = {pk['fp32_gmac_s']:.0f} GMAC/s; "
-         + (f"int8 AVX-512 VNNI (vpdpbusd, 64 MAC per instruction, 2 ports assumed) = {pk['int8_gmac_s']:.0f} GMAC/s. "
-            if pk.get("int8_gmac_s") else "no AVX-512 VNNI. ")
+         f"Peak arithmetic on {pk['cores']} core{'s' if pk['cores'] > 1 else ''} at {pk['ghz']:.2f} GHz ({pk['clock_source']}; turbo and "
+         f"vector frequency licences are unknown in this VM, so this is the nominal clock): fp32 "
+         f"{pk.get('fp32_how', 'AVX-512 FMA, 32 MAC/cycle')} = {pk['fp32_gmac_s']:.0f} GMAC/s; "
+         + (f"int8 {pk.get('int8_how', 'AVX-512 VNNI')} = {pk['int8_gmac_s']:.0f} GMAC/s. "
+            if pk.get("int8_gmac_s") else "no int8 dot-product instruction. ")
          + "AMX-INT8 would be far higher but no route here uses it.", "",
          "Multiply-accumulates of one pass, counted from the model config (apps.bench mac_count: per layer "
          "and edge the radial filter MLP R→F→3F plus ~23F elementwise; per layer and atom the q, k, value, vector "

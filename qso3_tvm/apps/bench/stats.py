@@ -94,10 +94,15 @@ def workload_macs(model_spec: str, wl: dict, mols: list) -> dict:
 def peaks(cpu: dict, cores: int) -> dict:
     ghz = (cpu.get("mhz") or 2000.0) / 1e3
     flags = set(cpu.get("flags", []))
-    fp32 = MAC_PER_CYCLE["fp32"] if "avx512f" in flags else MAC_PER_CYCLE_AVX2["fp32"]
-    int8 = MAC_PER_CYCLE["int8"] if "avx512_vnni" in flags else MAC_PER_CYCLE_AVX2["int8"] if "avx2" in flags else None
+    avx512, vnni, avx2 = "avx512f" in flags, "avx512_vnni" in flags, "avx2" in flags
+    fp32 = MAC_PER_CYCLE["fp32"] if avx512 else MAC_PER_CYCLE_AVX2["fp32"]
+    int8 = MAC_PER_CYCLE["int8"] if vnni else MAC_PER_CYCLE_AVX2["int8"] if avx2 else None
     return {"cores": cores, "ghz": ghz, "clock_source": "/proc/cpuinfo 'cpu MHz'" if cpu.get("mhz") else "assumed 2.0 GHz",
-            "fp32_gmac_s": cores * ghz * fp32, "int8_gmac_s": cores * ghz * int8 if int8 else None}
+            "fp32_gmac_s": cores * ghz * fp32, "int8_gmac_s": cores * ghz * int8 if int8 else None,
+            "fp32_how": f"{'AVX-512' if avx512 else 'AVX2'} FMA, {fp32} MAC/cycle (2 FMA ports × {fp32 // 2} lanes)",
+            "int8_how": ("AVX-512 VNNI vpdpbusd, 128 MAC/cycle (64 per instruction, 2 ports)" if vnni else
+                         "AVX2 vpmaddubsw, 64 MAC/cycle (32 byte pairs per instruction, 2 ports; our kernels also spend a "
+                         "vpsignb pair and a vpmaddwd per vpmaddubsw)" if avx2 else None)}
 
 
 def floor_ms(macs: dict, mode: str, int8: bool, pk: dict) -> float:
