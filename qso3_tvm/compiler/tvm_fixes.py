@@ -29,11 +29,10 @@ def register_vnni_intrin() -> str:
     from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
     from tvm.script import tirx as T
 
-    try:
-        TensorIntrin.get(VNNI_INTRIN)
+    from .kernels.int8_matmul import intrin_registered
+
+    if intrin_registered(VNNI_INTRIN):
         return VNNI_INTRIN
-    except ValueError:  # not registered yet
-        pass
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),

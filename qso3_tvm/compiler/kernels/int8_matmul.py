@@ -56,6 +56,17 @@ def dot_kernel(target) -> DotKernel | None:
 AVX2_INTRIN = "qso3_dot_8x4_i8i8i32_avx2"
 
 
+def intrin_registered(name: str) -> bool:
+    """Whether a tensor intrinsic of this name is registered (ours register once per process)."""
+    from tvm.s_tir import TensorIntrin
+
+    try:
+        TensorIntrin.get(name)
+        return True
+    except ValueError:
+        return False
+
+
 def register_avx2_intrin() -> str:
     """Register (once) an 8x4 s8·s8 -> i32 dot intrinsic for AVX2: C[i] += Σ_k A[k] B[i, k] as
     vpmaddubsw(|a|, sign(a)·b) (u8 × s8 pairs; |a| ≤ 128 and |b| ≤ 127 keep each pair sum below 2^15, so
@@ -63,11 +74,8 @@ def register_avx2_intrin() -> str:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    try:
-        TensorIntrin.get(AVX2_INTRIN)
+    if intrin_registered(AVX2_INTRIN):
         return AVX2_INTRIN
-    except ValueError:  # not registered yet
-        pass
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
