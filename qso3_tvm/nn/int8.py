@@ -216,7 +216,8 @@ class _Int8QKV(torch.autograd.Function):
 
         (x,) = ctx.saved_tensors
         lins = ctx.linears
-        grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, _qkv_shapes(x, lins))]
+        shapes = [(*x.shape[:-1], lin.w_codes_t.shape[1]) for lin in lins] + [x.shape]  # of q, k, value and the copy
+        grads = [x.new_zeros(shape) if g is None else g for g, shape in zip(grads, shapes)]
         if all(lin.backward == "int8-op" for lin in lins):
             rows = [g.reshape(-1, g.shape[-1]) for g in (*grads, x)]
             q, k, v = lins
@@ -226,11 +227,6 @@ class _Int8QKV(torch.autograd.Function):
         parts = [input_gradient(g, x, lin.w_codes_t, lin.s_x, lin.s_w, lin.qmin, lin.qmax, lin.backward, False)
                  for g, lin in zip(grads, lins)]
         return sum(parts, grads[3]), None, None, None
-
-
-def _qkv_shapes(x, lins):
-    """Zero stand-ins for the gradients of int8_qkv's outputs (q, k, value, x)."""
-    return [x.new_zeros((*x.shape[:-1], lin.w_codes_t.shape[1])) for lin in lins] + [x]
 
 
 class Int8QKV(nn.Module):

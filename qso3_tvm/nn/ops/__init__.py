@@ -20,3 +20,8 @@ def linear_weight(linear):
     if hasattr(linear, "dequantized_weight"):  # nn.int8.Int8WeightLinear
         return linear.dequantized_weight()
     return linear.weight
+
+
+def weight_mix(weight):
+    """The vector Linear of a weight matrix (out, in) as the function t -> t W^T that the model's definitions take."""
+    return lambda t: t @ weight.T

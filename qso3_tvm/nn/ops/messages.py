@@ -20,16 +20,13 @@ import torch
 from torch import nn
 
 from ..model import residual_messages, segment_sum
-
-
-def _mix(weight: torch.Tensor):
-    return lambda t: t @ weight.T
+from . import weight_mix
 
 
 @torch.library.custom_op("qso3::messages", mutates_args=())
 def messages(alpha: torch.Tensor, phi: torch.Tensor, val: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
              weight: torch.Tensor, u: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    s1, v1 = residual_messages(alpha, phi, val, s, v, _mix(weight), u, src, dst)
+    s1, v1 = residual_messages(alpha, phi, val, s, v, weight_mix(weight), u, src, dst)
     return s1, v1
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..model import gated_update, residual_norms
+from . import weight_mix
 
 
 @torch.library.custom_op("qso3::residual_norms", mutates_args=())
@@ -21,7 +22,7 @@ def residual_norms_op(s: torch.Tensor, v: torch.Tensor,
                       weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """s (N, F), v (N, 3, F), weight (2F, F) -> x (N, 2F), s, v (copies: the gradients of both uses meet in the
     backward kernel), uvvv (N, 3, 2F)."""
-    x, s1, v1, uvvv = residual_norms(s, v, lambda t: t @ weight.T)
+    x, s1, v1, uvvv = residual_norms(s, v, weight_mix(weight))
     return x, s1.clone(), v1.clone(), uvvv
 
 
