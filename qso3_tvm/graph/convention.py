@@ -15,7 +15,7 @@ time: ~2x faster on small molecules); other calls run the symbolic function.
 
 Static builds (tuned, `--bucket`) have fixed sizes: a bucket (atoms, edges, molecules) is the padded
 size of every call: the real molecules, the ghost molecule plus every padding atom (each ≥ 2×cutoff
-from everything else, so they have no neighbours), padding edges that duplicate the ghost pair's edge,
+from everything else, so they have no neighbours), padding edges that duplicate the ghost pair's edge into its later atom,
 and empty molecule slots (energy 0). A call needs atoms + 2, edges + 2 and molecules + 1 slots.
 
 The manifest's `inputs` section records which of the two a library is (`dynamic_inputs`, `static_inputs`).
@@ -108,7 +108,7 @@ def pad_to_bucket(arrays: list, buckets, cutoff: float, where: str) -> list:
 
 def pad_arrays(species, pos, mol, src, dst, n_mol: int, bucket: Bucket, cutoff: float, ghost: tuple[int, int] | None = None):
     """Pad graph arrays to a bucket. `ghost` is the (i, j) atom pair of an existing ghost molecule
-    (the last molecule) whose edge is duplicated; None when the arrays have no ghost yet (export):
+    (the last molecule) whose edge i -> j (i < j) is duplicated; None when the arrays have no ghost yet (export):
     then atoms are padded onto the last molecule and edges duplicate its first edge.
     Returns (species, pos, mol, src, dst, mol_slots) as numpy arrays of the bucket's sizes."""
     n, e = len(species), len(src)
@@ -118,10 +118,12 @@ def pad_arrays(species, pos, mol, src, dst, n_mol: int, bucket: Bucket, cutoff: 
     gap = 2.0 * cutoff + 1.0  # ≥ 2×cutoff (with a margin for float32) from everything and each other
     extra_pos = np.zeros((k, 3), pos.dtype)
     extra_pos[:, 0] = float(np.abs(pos).max(initial=0.0)) + gap * np.arange(1, k + 1)
-    i, j = ghost if ghost is not None else (int(src[0]), int(dst[0]))
+    # one direction of the ghost pair, into its later atom: edges grouped by receiving atom stay so (the
+    # messages kernel's per-receiver pass, compiler.kernels.messages)
+    i, j = sorted(ghost) if ghost is not None else (int(src[0]), int(dst[0]))
     reps = bucket.edges - e
-    pad_src = np.where(np.arange(reps) % 2 == 0, i, j).astype(src.dtype)
-    pad_dst = np.where(np.arange(reps) % 2 == 0, j, i).astype(dst.dtype)
+    pad_src = np.full(reps, i, src.dtype)
+    pad_dst = np.full(reps, j, dst.dtype)
     return (np.concatenate([species, np.full(k, species[-1], species.dtype)]),
             np.concatenate([pos, extra_pos]),
             np.concatenate([mol, np.full(k, n_mol - 1, mol.dtype)]),

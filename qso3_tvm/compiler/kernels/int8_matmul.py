@@ -6,7 +6,9 @@ the weights packed at compile time (N padded with zero columns to the instructio
   x86 + AVX-512 VNNI  vpdpbusd, u8 x s8: weights packed [N/16, K/4, 16, 4]; the activation codes
                       are shifted into u8 (a + 128) and 128·Σ_k w[k, n] is subtracted (exact)
   x86 + AVX2          vpsignb + vpmaddubsw + vpmaddwd, s8 x s8 (|a| · sign(a) w: pairs stay below
-                      2^15, exact): weights packed [N/8, K/4, 8, 4]
+                      2^15, exact): weights packed [N/8, K/4, 8, 4]; the backward products take the
+                      gradient's two code vectors as one int16 code (hi·254 + lo) on vpmaddwd, weights
+                      widened to int16 and packed [N/8, K/2, 8, 2] (half the multiplies of two int8 products)
   arm64 + dotprod     sdot, s8 x s8: weights packed [N/4, K/4, 4, 4]
   arm64 (NEON only)   smull + sadalp, s8 x s8: same packing as sdot
   other CPUs          16-column int32 multiply-adds on the same packing
@@ -29,6 +31,9 @@ class DotKernel:
     intrin: str  # registered tensor intrinsic
     block_n: int  # output channels per instruction
     a_dtype: str  # activation dtype the instruction takes
+    k_step: int = 4  # reduction elements per instruction and output channel
+    w_dtype: str = "int8"  # weight dtype the instruction takes
+    column_blocks: int = 1  # output blocks that share one activation load (the reduction loop inside them)
 
 
 def dot_kernel(target) -> DotKernel | None:
@@ -54,6 +59,18 @@ def dot_kernel(target) -> DotKernel | None:
 
 
 AVX2_INTRIN = "qso3_dot_8x4_i8i8i32_avx2"
+AVX2_I16_INTRIN = "qso3_dot_8x2_i16i16i32_avx2"
+
+
+def grad_kernel(kern: DotKernel | None) -> DotKernel | None:
+    """The instruction of the backward products (grad_product_func, qkv_grad_func). On AVX2 one int16 code per gradient
+    element (hi·254 + lo, |code| ≤ 32,385) on vpmaddwd: 2 multiplies per 32 MACs where the two int8 code vectors
+    take 4, the same integers (int32 sums stay below 2^31 for up to 520 outputs). Elsewhere `kern`: VNNI, sdot and
+    NEON multiply int8 at least twice as fast as int16."""
+    if kern is not None and kern.intrin == AVX2_INTRIN:
+        return DotKernel("x86-avx2-vpmaddwd", register_avx2_i16_intrin(), 8, "int16", k_step=2, w_dtype="int16",
+                         column_blocks=8)
+    return kern
 
 
 def intrin_registered(name: str) -> bool:
@@ -67,6 +84,24 @@ def intrin_registered(name: str) -> bool:
         return False
 
 
+def dot_desc(lanes: int, k: int, dtype: str):
+    """The semantics of a signed dot intrinsic: C[i] += Σ_j A[j] B[i, j] in int32 (A (k,), B (lanes, k) of dtype)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((k,), dtype, offset_factor=1), B: T.Buffer((lanes, k), dtype, offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:k], B[0:lanes, 0:k])
+            T.writes(C[0:lanes])
+            for i, j in T.grid(lanes, k):
+                with T.sblock("update"):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    C[vi] = C[vi] + T.cast(A[vj], "int32") * T.cast(B[vi, vj], "int32")
+
+    return desc
+
+
 def register_avx2_intrin() -> str:
     """Register (once) an 8x4 s8·s8 -> i32 dot intrinsic for AVX2: C[i] += Σ_k A[k] B[i, k] as
     vpmaddubsw(|a|, sign(a)·b) (u8 × s8 pairs; |a| ≤ 128 and |b| ≤ 127 keep each pair sum below 2^15, so
@@ -76,17 +111,6 @@ def register_avx2_intrin() -> str:
 
     if intrin_registered(AVX2_INTRIN):
         return AVX2_INTRIN
-
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
-             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-            T.writes(C[0:8])
-            for i, k in T.grid(8, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
@@ -104,14 +128,37 @@ def register_avx2_intrin() -> str:
             C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
 
-    TensorIntrin.register(AVX2_INTRIN, desc, impl)
+    TensorIntrin.register(AVX2_INTRIN, dot_desc(8, 4, "int8"), impl)
     return AVX2_INTRIN
 
 
-def pack_weights(w: np.ndarray, block_n: int) -> np.ndarray:
-    """w (K, N) -> [N/block_n, K/4, block_n, 4]: one instruction's operand is contiguous."""
+def register_avx2_i16_intrin() -> str:
+    """Register (once) an 8x2 s16·s16 -> i32 dot intrinsic for AVX2: C[i] += A[0] B[i, 0] + A[1] B[i, 1] as one
+    vpmaddwd (exact: each pair sum is below 2^31); returns its name."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    if intrin_registered(AVX2_I16_INTRIN):
+        return AVX2_I16_INTRIN
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8), dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
+
+    TensorIntrin.register(AVX2_I16_INTRIN, dot_desc(8, 2, "int16"), impl)
+    return AVX2_I16_INTRIN
+
+
+def pack_weights(w: np.ndarray, block_n: int, k_step: int = 4) -> np.ndarray:
+    """w (K, N) -> [N/block_n, K/k_step, block_n, k_step]: one instruction's operand is contiguous."""
     k, n = w.shape
-    return np.ascontiguousarray(w.T.reshape(n // block_n, block_n, k // 4, 4).transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(w.T.reshape(n // block_n, block_n, k // k_step, k_step).transpose(0, 2, 1, 3))
 
 
 def padded_columns(w: np.ndarray, block_n: int) -> np.ndarray:
@@ -315,7 +362,9 @@ def qkv_grad_func(k: int, F: int, kern: DotKernel | None, qmin: int, qmax: int):
 
     from .schedule import _vectorize_innermost
 
+    kern = grad_kernel(kern)
     bn, a_dtype = _operands(kern)
+    ks, w_dtype, parts = _grad_operands(kern)
     zp = _u8_shift(kern)
     kp = k + (-k % bn)
     if F % 16:
@@ -325,7 +374,7 @@ def qkv_grad_func(k: int, F: int, kern: DotKernel | None, qmin: int, qmax: int):
 
     @T.prim_func(s_tir=True)
     def qkv_grad(gq_h: T.handle, gk_h: T.handle, gv_h: T.handle, gx_h: T.handle, x_h: T.handle,
-                 s_w: T.Buffer((4, F), "float32"), w: T.Buffer((4, kp // bn, F // 4, bn, 4), "int8"),
+                 s_w: T.Buffer((4, F), "float32"), w: T.Buffer((4, kp // bn, F // ks, bn, ks), w_dtype),
                  corr: T.Buffer((4, kp), "int32"), s_x: T.Buffer((3,), "float32"), o_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
@@ -341,8 +390,8 @@ def qkv_grad_func(k: int, F: int, kern: DotKernel | None, qmin: int, qmax: int):
                 aq = T.sblock_alloc_buffer((1,), "float32")  # each Linear's row maximum (one writer per buffer)
                 ak = T.sblock_alloc_buffer((1,), "float32")
                 av = T.sblock_alloc_buffer((1,), "float32")
-                A = T.sblock_alloc_buffer((4, 2, F), a_dtype)
-                C = T.sblock_alloc_buffer((4, 2, kp), "int32")
+                A = T.sblock_alloc_buffer((4, parts, F), a_dtype)
+                C = T.sblock_alloc_buffer((4, parts, kp), "int32")
                 for j in range(F):
                     with T.sblock("amax_q"):
                         vj = T.axis.reduce(F, j)
@@ -361,29 +410,28 @@ def qkv_grad_func(k: int, F: int, kern: DotKernel | None, qmin: int, qmax: int):
                         with T.init():
                             av[0] = T.min_value("float32")
                         av[0] = T.max(av[0], T.fabs(Gv[r, vj] * s_w[2 + vj // F, vj % F]))
-                for g, c, j in T.grid(4, 2, F):
+                for g, c, j in T.grid(4, parts, F):
                     with T.sblock("codes"):
                         vg, vc, vj = T.axis.remap("SSS", [g, c, j])
                         A[vg, vc, vj] = T.cast(T.cast(_code(T, T.if_then_else(
                             vg == 0, Gq[r, vj], T.if_then_else(vg == 1, Gk[r, vj], Gv[r, T.max(vg - 2, 0) * F + vj]))
-                            * s_w[vg, vj] * (T.float32(1) / T.max(T.if_then_else(vg == 0, aq[0], T.if_then_else(vg == 1, ak[0], av[0])), tiny) * levels), vc), "int32") + zp, a_dtype)
-                for g, c, kk, j in T.grid(4, 2, kp, F):
+                            * s_w[vg, vj] * (T.float32(1) / T.max(T.if_then_else(vg == 0, aq[0], T.if_then_else(vg == 1, ak[0], av[0])), tiny) * levels), vc, parts), "int32") + zp, a_dtype)
+                for g, c, kk, j in T.grid(4, parts, kp, F):
                     with T.sblock("C"):
                         vg, vc, vk, vj = T.axis.remap("SSSR", [g, c, kk, j])
                         with T.init():
                             C[vg, vc, vk] = 0
                         C[vg, vc, vk] = C[vg, vc, vk] + T.cast(A[vg, vc, vj], "int32") * T.cast(
-                            w[vg, vk // bn, vj // 4, vk % bn, vj % 4], "int32")
+                            w[vg, vk // bn, vj // ks, vk % bn, vj % ks], "int32")
                 for kk in range(kp):
                     with T.sblock("out"):
                         vk = T.axis.spatial(kp, kk)
                         O[r, vk] = (Gx[r, T.min(vk, k - 1)]
-                                    + ((T.cast(C[0, 0, vk] - corr[0, vk], "float32") + T.cast(C[0, 1, vk] - corr[0, vk], "float32") / T.float32(254))
+                                    + (_decoded(T, lambda c: C[0, c, vk] - corr[0, vk], parts)
                                        * (T.max(aq[0], tiny) / levels)) * mask(X[r, T.min(vk, k - 1)], s_x[0])
-                                    + ((T.cast(C[1, 0, vk] - corr[1, vk], "float32") + T.cast(C[1, 1, vk] - corr[1, vk], "float32") / T.float32(254))
+                                    + (_decoded(T, lambda c: C[1, c, vk] - corr[1, vk], parts)
                                        * (T.max(ak[0], tiny) / levels)) * mask(X[r, T.min(vk, k - 1)], s_x[1])
-                                    + ((T.cast(C[2, 0, vk] - corr[2, vk] + C[3, 0, vk] - corr[3, vk], "float32")
-                                        + T.cast(C[2, 1, vk] - corr[2, vk] + C[3, 1, vk] - corr[3, vk], "float32") / T.float32(254))
+                                    + (_decoded(T, lambda c: C[2, c, vk] - corr[2, vk] + C[3, c, vk] - corr[3, vk], parts)
                                        * (T.max(av[0], tiny) / levels)) * mask(X[r, T.min(vk, k - 1)], s_x[2]))
 
     sch = s_tir.Schedule(qkv_grad)
@@ -430,7 +478,8 @@ def grad_product_func(n: int, k: int, kern: DotKernel | None, qmin: int, qmax: i
     """One kernel for nn.ops.int8_linear.int8_grad_product_op: O (M, k') float32 from G (M, n) float32 (the gradient
     of a Linear's n outputs), its per-output steps s_w (n,), its weight codes and its input X (M, k) with step s_x,
     M symbolic. Per row: the step max |G ⊙ s_w| / 127, two int8 code vectors (hi, lo), both products with the weight
-    codes in int32 and O = (acc_hi + acc_lo / 254) · step · mask, the straight-through mask of X (nn.int8.input_grad_mask:
+    codes in int32 and O = (acc_hi + acc_lo / 254) · step · mask (on AVX2 one int16 code hi·254 + lo, one product,
+    O = acc / 254 · step · mask: grad_kernel), the straight-through mask of X (nn.int8.input_grad_mask:
     X / s_x within [qmin, qmax], of SiLU(X) times SiLU'(X) with `silu`). The codes and accumulators are one row long (the row block's own
     buffers). With a dot-product kernel the products are tensorized as in linear_func: the weights come as
     W^T (n, k) packed [k'/bn, n/4, bn, 4] (k' = k padded to the block), and u8 codes (+128) are corrected
@@ -442,13 +491,15 @@ def grad_product_func(n: int, k: int, kern: DotKernel | None, qmin: int, qmax: i
     from .fast_math import fast_sigmoid_expr
     from .schedule import _vectorize_innermost
 
+    kern = grad_kernel(kern)
     bn, a_dtype = _operands(kern)
+    ks, w_dtype, parts = _grad_operands(kern)
     zp = _u8_shift(kern)
     kp = k + (-k % bn)
     mask = lambda x, s: _input_mask(tirx, x, s, qmin, qmax, silu, fast_sigmoid_expr)  # noqa: E731
 
     @T.prim_func(s_tir=True)
-    def gp(g_h: T.handle, s_w: T.Buffer((n,), "float32"), w: T.Buffer((kp // bn, n // 4, bn, 4), "int8"),
+    def gp(g_h: T.handle, s_w: T.Buffer((n,), "float32"), w: T.Buffer((kp // bn, n // ks, bn, ks), w_dtype),
            corr: T.Buffer((kp,), "int32"), x_h: T.handle, s_x: T.Buffer((1,), "float32"), o_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
@@ -460,8 +511,8 @@ def grad_product_func(n: int, k: int, kern: DotKernel | None, qmin: int, qmax: i
                 r = T.axis.spatial(m, i)
                 amax = T.sblock_alloc_buffer((1,), "float32")
                 inv = T.sblock_alloc_buffer((1,), "float32")
-                A = T.sblock_alloc_buffer((2, n), a_dtype)
-                C = T.sblock_alloc_buffer((2, kp), "int32")
+                A = T.sblock_alloc_buffer((parts, n), a_dtype)
+                C = T.sblock_alloc_buffer((parts, kp), "int32")
                 for j in range(n):
                     with T.sblock("amax"):
                         vj = T.axis.reduce(n, j)
@@ -472,21 +523,21 @@ def grad_product_func(n: int, k: int, kern: DotKernel | None, qmin: int, qmax: i
                     with T.sblock("inverse"):
                         vz = T.axis.spatial(1, z)
                         inv[vz] = T.float32(1) / T.max(amax[vz], T.float32(1e-30)) * T.float32(127)
-                for c, j in T.grid(2, n):
+                for c, j in T.grid(parts, n):
                     with T.sblock("codes"):
                         vc, vj = T.axis.remap("SS", [c, j])
-                        A[vc, vj] = T.cast(T.cast(_code(T, G[r, vj] * s_w[vj] * inv[0], vc),
+                        A[vc, vj] = T.cast(T.cast(_code(T, G[r, vj] * s_w[vj] * inv[0], vc, parts),
                                                   "int32") + zp, a_dtype)
-                for c, kk, j in T.grid(2, kp, n):
+                for c, kk, j in T.grid(parts, kp, n):
                     with T.sblock("C"):
                         vc, vk, vj = T.axis.remap("SSR", [c, kk, j])
                         with T.init():
                             C[vc, vk] = 0
-                        C[vc, vk] = C[vc, vk] + T.cast(A[vc, vj], "int32") * T.cast(w[vk // bn, vj // 4, vk % bn, vj % 4], "int32")
+                        C[vc, vk] = C[vc, vk] + T.cast(A[vc, vj], "int32") * T.cast(w[vk // bn, vj // ks, vk % bn, vj % ks], "int32")
                 for kk in range(kp):
                     with T.sblock("out"):
                         vk = T.axis.spatial(kp, kk)
-                        O[r, vk] = ((T.cast(C[0, vk] - corr[vk], "float32") + T.cast(C[1, vk] - corr[vk], "float32") / T.float32(254))
+                        O[r, vk] = (_decoded(T, lambda c: C[c, vk] - corr[vk], parts)
                                     * (T.max(amax[0], T.float32(1e-30)) / T.float32(127))) * mask(X[r, T.min(vk, k - 1)], s_x[0])
 
     sch = s_tir.Schedule(gp)
@@ -513,15 +564,20 @@ def _input_mask(tir, x, s_x, qmin: int, qmax: int, silu: bool, sigmoid):
 
 def _schedule_product(sch, kern: DotKernel | None, bn: int, code_vectors: bool = False) -> None:
     """Block "C" (per row: [code vector,] output column, reduction): output columns in blocks of bn, the reduction
-    in 4s, tensorized with the dot instruction; without one (kern None), int32 multiply-adds over 16 output
-    columns per vector (vectorized before the reduction is split). `code_vectors`: a loop over code vectors
+    in the instruction's k_step (4 without one), tensorized with the dot instruction, with kern.column_blocks output
+    blocks per reduction step (their sums stay in registers); without one (kern None), int32 multiply-adds over 16
+    output columns per vector (vectorized before the reduction is split). `code_vectors`: a loop over code vectors
     before the columns, moved inside the weight block so that each weight block serves every code vector."""
     block = sch.get_sblock("C")
     *_, kk, j = sch.get_loops(block)
     vectors = [sch.get_loops(block)[-3]] if code_vectors else []
     ko, ki = sch.split(kk, [None, bn])
-    jo, ji = sch.split(j, [None, 4])
-    if kern:
+    jo, ji = sch.split(j, [None, kern.k_step if kern else 4])
+    blocks = _column_blocks(sch.get(ko).extent.value, kern.column_blocks) if kern else 1
+    if blocks > 1:  # `blocks` output blocks per step of the reduction: one activation load serves them all
+        koo, koi = sch.split(ko, [None, blocks])
+        sch.reorder(koo, jo, koi, *vectors, ki, ji)
+    elif kern:
         sch.reorder(ko, jo, *vectors, ki, ji)
     else:
         sch.reorder(ko, jo, *vectors, ji, ki)
@@ -532,11 +588,26 @@ def _schedule_product(sch, kern: DotKernel | None, bn: int, code_vectors: bool =
         sch.tensorize(ki, kern.intrin)
 
 
-def _code(T, u, part):
-    """Code `part` (0: hi, 1: lo) of u = g / step (PrimExprs, built while the kernel is parsed). No clip:
-    |u| ≤ 127 gives hi = floor(u + 0.5) in [-127, 127] and u - hi in [-0.5, 0.5), so lo in [-127, 127]."""
+def _column_blocks(n_blocks: int, most: int) -> int:
+    """The largest divisor of n_blocks up to `most`."""
+    return max(d for d in range(1, most + 1) if n_blocks % d == 0)
+
+
+def _code(T, u, part, parts: int = 2):
+    """Code `part` (0: hi, 1: lo) of u = g / step (PrimExprs, built while the kernel is parsed), or with parts = 1 the
+    one int16 code hi·254 + lo. No clip: |u| ≤ 127 gives hi = floor(u + 0.5) in [-127, 127] and u - hi in
+    [-0.5, 0.5), so lo in [-127, 127]."""
     hi = T.floor(u + T.float32(0.5))
-    return T.if_then_else(part == 0, hi, T.floor((u - hi) * T.float32(254) + T.float32(0.5)))
+    lo = T.floor((u - hi) * T.float32(254) + T.float32(0.5))
+    return hi * T.float32(254) + lo if parts == 1 else T.if_then_else(part == 0, hi, lo)
+
+
+def _decoded(T, acc, parts: int):
+    """acc_hi + acc_lo / 254 in float from the int32 sums acc(c) of code vector c (PrimExprs), or acc(0) / 254 with one
+    int16 code vector."""
+    if parts == 1:
+        return T.cast(acc(0), "float32") / T.float32(254)
+    return T.cast(acc(0), "float32") + T.cast(acc(1), "float32") / T.float32(254)
 
 
 def emit_grad_product(bb, g, s_w, w_codes_t: np.ndarray, kern: DotKernel | None, x, s_x: float, masking: tuple[int, int, bool]):
@@ -561,14 +632,24 @@ GENERIC_BLOCK = 16  # output columns per vector in linear_func and grad_product_
 
 def grad_product_weights(w_codes_t: np.ndarray, kern: DotKernel | None) -> tuple[np.ndarray, np.ndarray]:
     """The packed W^T and the u8 correction of grad_product_func from w_codes_t (k, n) int8."""
+    kern = grad_kernel(kern)
     bn, _ = _operands(kern)
+    ks, w_dtype, _ = _grad_operands(kern)
     wt = padded_columns(np.ascontiguousarray(w_codes_t.T), bn)  # (n, k')
-    return pack_weights(wt, bn), (_u8_shift(kern) * wt.astype(np.int32).sum(0)).astype(np.int32)
+    return pack_weights(wt, bn, ks).astype(w_dtype), (_u8_shift(kern) * wt.astype(np.int32).sum(0)).astype(np.int32)
 
 
 def _operands(kern: DotKernel | None) -> tuple[int, str]:
     """(output columns per instruction, activation code dtype) of the kernels with `kern`, or without one."""
     return (kern.block_n, kern.a_dtype) if kern else (GENERIC_BLOCK, "int8")
+
+
+def _grad_operands(kern: DotKernel | None) -> tuple[int, str, int]:
+    """(reduction step, weight dtype, code vectors per gradient row) of the backward products with `kern`
+    (already grad_kernel's): two int8 code vectors, or one int16 code where the instruction takes int16."""
+    if kern is None:
+        return 4, "int8", 2
+    return kern.k_step, kern.w_dtype, 1 if kern.a_dtype == "int16" else 2
 
 
 def _u8_shift(kern: DotKernel | None) -> int:

@@ -2,11 +2,13 @@
 channels F and heads H static). They implement the torch operators of nn.ops.messages (the numerics
 are defined there) and replace them at import (compiler.relax_import.CONVERTERS).
 
-Each runs one pass over the edges per head: per edge it gathers the sender's values, forms the messages in
-registers (channels of a head are one vector: α is a scalar there) and adds them to the receiver's
-sums, so no edge-sized message, gather or gradient tensor is written except the gradient of φ, which
-the radial filter's backward needs. Edges are visited in order, so sums are in the same order as
-the torch operator's index_add. The layer's l=1 channel mix W v (vec_value) is computed per atom inside the
+The forward runs per receiving atom when the edges are grouped by receiver (graph.neighbors builds them so,
+graph.convention pads them so; the kernel checks): atoms on the thread pool, each head's sums in registers
+over the atom's edge segment. Otherwise, and in the backward (whose sums go to the senders), one pass over
+the edges per head. Per edge it gathers the sender's values, forms the messages in registers (channels of
+a head are one vector: α is a scalar there) and adds them to the receiver's sums, so no edge-sized message,
+gather or gradient tensor is written except the gradient of φ, which the radial filter's backward needs.
+Edges are visited in order, so sums are in the same order as the torch operator's index_add. The layer's l=1 channel mix W v (vec_value) is computed per atom inside the
 kernels (forward and backward), and the residual sums s + ds, v + dv are the forward's outputs.
 """
 
@@ -83,14 +85,37 @@ def _atom_mixes(channels: int):
     return atom_values, v_gradient
 
 
+def _receiver_segments():
+    """Macro: start (n + 1,) with receiver a's edges at start[a]:start[a + 1] (counts, then their running sum) and
+    is_sorted[0] = 1 when dst never decreases (the neighbor lists' order: graph.neighbors), else 0."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def receiver_segments(n, e, dst, start, is_sorted):
+        for a in range(n + 1):
+            start[a] = T.int64(0)
+        is_sorted[0] = 1
+        for i in range(e):
+            start[dst[i] + 1] = start[dst[i] + 1] + T.int64(1)
+            if i > 0:
+                if dst[i] < dst[i - 1]:
+                    is_sorted[0] = 0
+        for a in range(n):
+            start[a + 1] = start[a + 1] + start[a]
+
+    return receiver_segments
+
+
 def forward_func(channels: int, heads: int):
     """PrimFunc (α (e, H), φ (e, 3F), val (n, 2F), s (n, F), v (n, 3, F), W^T (F, F), u (e, 3), src, dst) -> s1 (n, F),
-    v1 (n, 3, F). W v for every atom, then per head one pass over the edges adding the messages to the receivers' sums
-    (started at s, v); atoms and heads run on the thread pool when there are PARALLEL_MIN_EDGES edges."""
+    v1 (n, 3, F). W v for every atom, then the messages added to the receivers' sums (started at s, v): per receiver
+    over its edge segment when dst is sorted, else per head over all edges; atoms (or heads) run on the thread pool
+    when there are PARALLEL_MIN_EDGES edges."""
     from tvm.script import tirx as T
 
     F, d = _sizes(channels, heads)
     atom_values, _ = _atom_mixes(channels)
+    receiver_segments = _receiver_segments()
 
     @T.macro
     def head_pass(h, n, e, alpha, phi, val, s, v, u, src, dst, ds, dv, vv):
@@ -106,6 +131,32 @@ def forward_func(channels: int, heads: int):
                     dv[dst[i], k, h * d + l] = dv[dst[i], k, h * d + l] + (
                         alpha[i, h] * phi[i, F + h * d + l] * val[src[i], F + h * d + l] * u[i, k]
                         + alpha[i, h] * phi[i, 2 * F + h * d + l] * vv[src[i], k, h * d + l])
+
+    @T.macro
+    def atom_pass(a, alpha, phi, val, s, v, u, src, start, ds, dv, vv):
+        with T.sblock("atom"):  # the receiver's sums of one head in registers over its edges
+            T.reads()
+            T.writes()
+            acc = T.alloc_buffer((4, d), "float32")  # s, v_x, v_y, v_z
+            for h in range(heads):
+                for l in T.vectorized(d):
+                    acc[0, l] = s[a, h * d + l]
+                for k in T.unroll(3):
+                    for l in T.vectorized(d):
+                        acc[1 + k, l] = v[a, k, h * d + l]
+                for i in range(start[a], start[a + 1]):
+                    for l in T.vectorized(d):
+                        acc[0, l] = acc[0, l] + alpha[i, h] * phi[i, h * d + l] * val[src[i], h * d + l]
+                    for k in T.unroll(3):
+                        for l in T.vectorized(d):
+                            acc[1 + k, l] = acc[1 + k, l] + (
+                                alpha[i, h] * phi[i, F + h * d + l] * val[src[i], F + h * d + l] * u[i, k]
+                                + alpha[i, h] * phi[i, 2 * F + h * d + l] * vv[src[i], k, h * d + l])
+                for l in T.vectorized(d):
+                    ds[a, h * d + l] = acc[0, l]
+                for k in T.unroll(3):
+                    for l in T.vectorized(d):
+                        dv[a, k, h * d + l] = acc[1 + k, l]
 
     @T.prim_func(s_tir=True)
     def messages_fwd(alpha_h: T.handle, phi_h: T.handle, val_h: T.handle, s_h: T.handle, v_h: T.handle,
@@ -125,16 +176,27 @@ def forward_func(channels: int, heads: int):
         dv = T.match_buffer(dv_h, (n, 3, F), "float32")
         with T.sblock("root"):
             vv = T.alloc_buffer((n, 3, F), "float32")  # W v per atom
+            start = T.alloc_buffer((n + 1,), "int64")  # receiver a's edges are start[a]:start[a + 1] when sorted
+            is_sorted = T.alloc_buffer((1,), "int32")
+            receiver_segments(n, e, dst, start, is_sorted)
             if e >= PARALLEL_MIN_EDGES:
                 for a in T.parallel(n):
                     atom_values(a, v, wt, vv)
-                for h in T.parallel(heads):
-                    head_pass(h, n, e, alpha, phi, val, s, v, u, src, dst, ds, dv, vv)
+                if is_sorted[0] == 1:
+                    for a in T.parallel(n):
+                        atom_pass(a, alpha, phi, val, s, v, u, src, start, ds, dv, vv)
+                else:
+                    for h in T.parallel(heads):
+                        head_pass(h, n, e, alpha, phi, val, s, v, u, src, dst, ds, dv, vv)
             else:
                 for a in range(n):
                     atom_values(a, v, wt, vv)
-                for h in range(heads):
-                    head_pass(h, n, e, alpha, phi, val, s, v, u, src, dst, ds, dv, vv)
+                if is_sorted[0] == 1:
+                    for a in range(n):
+                        atom_pass(a, alpha, phi, val, s, v, u, src, start, ds, dv, vv)
+                else:
+                    for h in range(heads):
+                        head_pass(h, n, e, alpha, phi, val, s, v, u, src, dst, ds, dv, vv)
 
     return messages_fwd.with_attrs({"global_symbol": f"qso3_messages_{F}x{heads}", "tirx.is_scheduled": True,
                                     "op_pattern": 8})

@@ -39,11 +39,12 @@ def residual_norms_func(channels: int):
                 for k in range(3):
                     for c in T.vectorized(F):
                         v1[r, k, c] = v[r, k, c]
-                    for o in T.vectorized(2 * F):
-                        acc[k, o] = T.float32(0)
-                    for c in range(F):
-                        for o in T.vectorized(2 * F):
-                            acc[k, o] = acc[k, o] + v[r, k, c] * wt[c, o]
+                    for h in range(2):  # F outputs at a time: their sums fit in registers
+                        for o in T.vectorized(F):
+                            acc[k, h * F + o] = T.float32(0)
+                        for c in range(F):
+                            for o in T.vectorized(F):
+                                acc[k, h * F + o] = acc[k, h * F + o] + v[r, k, c] * wt[c, h * F + o]
                     for o in T.vectorized(2 * F):
                         uvvv[r, k, o] = acc[k, o]
                 for c in T.vectorized(F):
