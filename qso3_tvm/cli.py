@@ -244,7 +244,11 @@ def targets():
     """List target presets and what they resolve to."""
     from .compiler.targets import HOST, host_preset, presets
 
-    typer.echo(f"{HOST:18s} the fastest preset this machine runs (the default): {host_preset()}")
+    try:
+        host = host_preset()
+    except QSO3Error as e:  # still list the presets (to name one with --target)
+        host = f"none ({e})"
+    typer.echo(f"{HOST:18s} the fastest preset this machine runs (the default): {host}")
     seen = set()
     for name, spec in presets().items():
         if spec.name in seen:

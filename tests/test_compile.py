@@ -91,11 +91,16 @@ def test_unknown_target_lists_valid_ones():
     assert r.exit_code == 2 and "use a preset" in r.stderr
 
 
-def test_targets_command_lists_presets():
+def test_targets_command_lists_presets(monkeypatch):
+    from qso3_tvm.compiler import targets
+
     r = runner.invoke(app, ["targets"])
     assert r.exit_code == 0
     for name in ("host", "x86-avx512", "x86-avx2", "arm64-cortex-a72", "arm64-cortex-a76", "jetson-orin", "cuda-sm90"):
         assert name in r.stdout
+    monkeypatch.setattr(targets, "HOST_ORDER", ())  # a machine where no preset runs: still the list, and why
+    r = runner.invoke(app, ["targets"])
+    assert r.exit_code == 0 and "no target preset runs on this machine" in r.stdout and "x86-avx2" in r.stdout
 
 
 def test_host_target_is_the_fastest_preset_that_runs_here(monkeypatch):
