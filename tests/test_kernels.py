@@ -362,14 +362,16 @@ def test_messages_operator_equals_model_messages_and_their_gradient():
     assert all(t.abs().max() > 0 for t in results[0])
 
 
-@pytest.mark.parametrize("n,e", [(9, 40), (50, 2100)])  # one thread; atoms or heads on the thread pool
-@pytest.mark.parametrize("by_receiver", [False, True])  # edges in any order, or sorted by receiver (neighbor lists)
-def test_messages_tir_kernels_match_torch_reference(n, e, by_receiver):
+# one thread, or atoms / heads on the thread pool; edges in any order, or sorted by receiver (neighbor lists);
+# 4 or 3 channels per head (lane sums by vector halving, or a chain)
+@pytest.mark.parametrize("n, e, by_receiver, F", [(9, 40, False, 16), (9, 40, True, 16), (50, 2100, False, 16),
+                                                  (50, 2100, True, 16), (9, 40, True, 12)])
+def test_messages_tir_kernels_match_torch_reference(n, e, by_receiver, F):
     from qso3_tvm.compiler.kernels import messages
 
     assert (e >= messages.PARALLEL_MIN_EDGES) == (e > 40)
     target = resolve_target("x86-64").tvm_target()
-    inputs = _messages_case(n=n, e=e)
+    inputs = _messages_case(n=n, e=e, channels=F)
     if by_receiver:  # the forward's per-receiver pass (receiver_segments finds the order); atom 1 receives nothing
         inputs[-1] = np.where(inputs[-1] == 1, 2, inputs[-1])
         order = np.argsort(inputs[-1], kind="stable")
@@ -377,9 +379,9 @@ def test_messages_tir_kernels_match_torch_reference(n, e, by_receiver):
     alpha, phi, val, s, v, w, u, src, dst = inputs
     wt = np.ascontiguousarray(w.T)
     rng = np.random.default_rng(5)
-    grads = [rng.normal(size=(n, 16)).astype(np.float32), rng.normal(size=(n, 3, 16)).astype(np.float32)]
-    fwd = tvm.compile(tvm.IRModule({"main": messages.forward_func(16, 4)}), target=target)
-    bwd = tvm.compile(tvm.IRModule({"main": messages.backward_func(16, 4)}), target=target)
+    grads = [rng.normal(size=(n, F)).astype(np.float32), rng.normal(size=(n, 3, F)).astype(np.float32)]
+    fwd = tvm.compile(tvm.IRModule({"main": messages.forward_func(F, 4)}), target=target)
+    bwd = tvm.compile(tvm.IRModule({"main": messages.backward_func(F, 4)}), target=target)
     t = torch.from_numpy
     ref_fwd = torch.ops.qso3.messages(*map(t, inputs))
     ref_bwd = torch.ops.qso3.messages_backward(*map(t, grads + [alpha, phi, val, v, w, u, src, dst]))

@@ -1,6 +1,6 @@
 """Single-kernel times of the hot kernels on one 32-QM9-molecule call (9,640 edge rows, 588 atoms), 1 thread:
 the radial filter's second Linear forward (64 -> 192, SiLU folded) and its backward product (192 -> 64, SiLU'),
-(on AVX2 also as two int8 code vectors, the form it replaced), residual_norms, and the messages forward with edges grouped by receiver and shuffled.
+(on AVX2 also as two int8 code vectors, the form it replaced), residual_norms, and the messages forward and backward with edges grouped by receiver and shuffled.
 Usage: TVM_NUM_THREADS=1 python reports/compile/kernel_times.py [TARGET]   (default x86-avx2)"""
 import sys
 import time
@@ -60,3 +60,8 @@ for name, order in (("grouped by receiver", np.arange(E)), ("shuffled", rng.perm
         arrays[i] = arrays[i][order]
     arrays += [src[order], dst[order], np.zeros((N, F), np.float32), np.zeros((N, 3, F), np.float32)]
     print(f"messages forward, edges {name}: {best_ms(messages.forward_func(F, H), arrays):.3f} ms")
+    grads = [rng.normal(size=(N, F)).astype(np.float32), rng.normal(size=(N, 3, F)).astype(np.float32)]
+    w = arrays[5]
+    outs = [np.zeros(sh, np.float32) for sh in ((E, H), (E, 3 * F), (N, 2 * F), (N, 3, F), (E, 3))]
+    backward = grads + [arrays[0], arrays[1], arrays[2], arrays[4], w, np.ascontiguousarray(w.T), arrays[6], *arrays[7:9]] + outs
+    print(f"messages backward, edges {name}: {best_ms(messages.backward_func(F, H), backward):.3f} ms")

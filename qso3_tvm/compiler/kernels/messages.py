@@ -23,18 +23,21 @@ def _sizes(channels: int, heads: int) -> tuple[int, int]:
     return channels, channels // heads
 
 
-def _lane_sum(T, x, d: int, *row):
-    """x[row, 0] += x[row, 1] + ... + x[row, d - 1] (a local buffer of d lanes; called while the kernel is
-    parsed), by halving when d is a power of two: a few vector adds instead of a chain of d scalar adds."""
+def _lane_total(T, x, d: int, *row):
+    """x[row, 0] + ... + x[row, d - 1] as one expression (built while the kernel is parsed): for d a power of two
+    the row as one vector halved with vectorlow/vectorhigh (register shuffles, log2 d adds; it was a halving through
+    the local buffer, whose reloads of just-stored lanes cost a quarter of the backward), else a chain of d loads."""
     if d & (d - 1):
-        with T.serial(1, d) as j:
-            T.buffer_store(x, x[(*row, 0)] + x[(*row, j)], [*row, 0])
-        return
-    half = d // 2
-    while half >= 1:
-        with T.vectorized(half) as j:
-            T.buffer_store(x, x[(*row, j)] + x[(*row, j + half)], [*row, j])
-        half //= 2
+        total = x[(*row, 0)]
+        for j in range(1, d):
+            total = total + x[(*row, j)]
+        return total
+    vec = x.vload([*row, 0], f"float32x{d}") if d > 1 else x[(*row, 0)]
+    while d > 1:
+        d //= 2
+        dtype = f"float32x{d}" if d > 1 else "float32"
+        vec = T.vectorlow(dtype, vec) + T.vectorhigh(dtype, vec)
+    return vec
 
 
 def _atom_mixes(channels: int):
@@ -244,11 +247,9 @@ def backward_func(channels: int, heads: int):
                     for l in T.vectorized(d):
                         g_vv[src[i], k, h * d + l] = g_vv[src[i], k, h * d + l] + alpha[i, h] * phi[i, 2 * F + h * d + l] * g_v[dst[i], k, h * d + l]
                         ured[k, l] = g_v[dst[i], k, h * d + l] * alpha[i, h] * phi[i, F + h * d + l] * val[src[i], F + h * d + l]
-                _lane_sum(T, red, d)
-                g_alpha_t[h, i] = red[0]
+                g_alpha_t[h, i] = _lane_total(T, red, d)
                 for k in range(3):
-                    _lane_sum(T, ured, d, k)
-                    part[h, i, k] = ured[k, 0]
+                    part[h, i, k] = _lane_total(T, ured, d, k)
 
     @T.prim_func(s_tir=True)
     def messages_bwd(gs_h: T.handle, gv_h: T.handle, alpha_h: T.handle, phi_h: T.handle, val_h: T.handle,
