@@ -1,6 +1,7 @@
 """Single-kernel times of the hot kernels on one 32-QM9-molecule call (9,640 edge rows, 588 atoms), 1 thread:
 the radial filter's second Linear forward (64 -> 192, SiLU folded) and its backward product (192 -> 64, SiLU'),
-(on AVX2 also as two int8 code vectors, the form it replaced), residual_norms, and the messages forward and backward with edges grouped by receiver and shuffled.
+(on AVX2 also as two int8 code vectors, the form it replaced), residual_norms, and the messages forward and
+backward with edges grouped by receiver and shuffled.
 Usage: TVM_NUM_THREADS=1 python reports/compile/kernel_times.py [TARGET]   (default x86-avx2)"""
 import sys
 import time
