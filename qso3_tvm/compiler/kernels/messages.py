@@ -8,8 +8,9 @@ over the atom's edge segment. Otherwise, and in the backward (whose sums go to t
 the edges per head. Per edge it gathers the sender's values, forms the messages in registers (channels of
 a head are one vector: α is a scalar there) and adds them to the receiver's sums, so no edge-sized message,
 gather or gradient tensor is written except the gradient of φ, which the radial filter's backward needs.
-Edges are visited in order, so sums are in the same order as the torch operator's index_add. The layer's l=1 channel mix W v (vec_value) is computed per atom inside the
-kernels (forward and backward), and the residual sums s + ds, v + dv are the forward's outputs.
+Edges are visited in order, so sums are in the same order as the torch operator's index_add. The layer's
+l=1 channel mix W v (vec_value) is computed per atom inside the kernels (forward and backward), and the
+residual sums s + ds, v + dv are the forward's outputs.
 """
 
 from __future__ import annotations
