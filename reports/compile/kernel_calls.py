@@ -1,4 +1,6 @@
-"""Kernel calls (R.call_tir after fusion) of the energy+forces graph: generic int8 graph vs ours.
+"""Kernel calls (R.call_tir after fusion) of the energy+forces graph: generic int8 graph vs ours. These count every
+call site in the IR, including the static bucket copies and the energy-only entry, not the kernels one call runs:
+for those use profile_kernels.py (the VM's instrument hook on a compiled artifact).
 Usage: python reports/compile/kernel_calls.py ethanol-int8 | ethanol-fp32"""
 import re
 import sys
