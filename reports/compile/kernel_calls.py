@@ -1,6 +1,6 @@
-"""Kernel calls (R.call_tir after fusion) of the energy+forces graph: generic int8 graph vs ours. These count every
-call site in the IR, including the static bucket copies and the energy-only entry, not the kernels one call runs:
-for those use profile_kernels.py (the VM's instrument hook on a compiled artifact).
+"""Kernel calls (R.call_tir after fusion) of the energy+forces graph: generic int8 graph vs ours. These are call sites
+in the symbolic main function after fusion (x86-avx512), not the kernels one call runs (ethanol-int8, 2026-12-03: 367
+here against 137 run per E+F call): for those use profile_kernels.py (the VM's instrument hook on an artifact).
 Usage: python reports/compile/kernel_calls.py ethanol-int8 | ethanol-fp32"""
 import re
 import sys
