@@ -121,6 +121,13 @@ def forward_func(channels: int, heads: int):
     atom_values, _ = _atom_mixes(channels)
     receiver_segments = _receiver_segments()
 
+    def scalar_message(alpha, phi, val, src, i, h, l):  # edge i's message to channel h·d + l of s (a PrimExpr)
+        return alpha[i, h] * phi[i, h * d + l] * val[src[i], h * d + l]
+
+    def vector_message(alpha, phi, val, u, src, vv, i, h, k, l):  # ... and to component k of v
+        return (alpha[i, h] * phi[i, F + h * d + l] * val[src[i], F + h * d + l] * u[i, k]
+                + alpha[i, h] * phi[i, 2 * F + h * d + l] * vv[src[i], k, h * d + l])
+
     @T.macro
     def head_pass(h, n, e, alpha, phi, val, s, v, u, src, dst, ds, dv, vv):
         for a, l in T.grid(n, d):
@@ -129,12 +136,10 @@ def forward_func(channels: int, heads: int):
                 dv[a, k, h * d + l] = v[a, k, h * d + l]
         for i in range(e):
             for l in T.vectorized(d):
-                ds[dst[i], h * d + l] = ds[dst[i], h * d + l] + alpha[i, h] * phi[i, h * d + l] * val[src[i], h * d + l]
+                ds[dst[i], h * d + l] = ds[dst[i], h * d + l] + scalar_message(alpha, phi, val, src, i, h, l)
             for k in range(3):
                 for l in T.vectorized(d):
-                    dv[dst[i], k, h * d + l] = dv[dst[i], k, h * d + l] + (
-                        alpha[i, h] * phi[i, F + h * d + l] * val[src[i], F + h * d + l] * u[i, k]
-                        + alpha[i, h] * phi[i, 2 * F + h * d + l] * vv[src[i], k, h * d + l])
+                    dv[dst[i], k, h * d + l] = dv[dst[i], k, h * d + l] + vector_message(alpha, phi, val, u, src, vv, i, h, k, l)
 
     @T.macro
     def atom_pass(a, alpha, phi, val, s, v, u, src, start, ds, dv, vv):
@@ -150,12 +155,10 @@ def forward_func(channels: int, heads: int):
                         acc[1 + k, l] = v[a, k, h * d + l]
                 for i in range(start[a], start[a + 1]):
                     for l in T.vectorized(d):
-                        acc[0, l] = acc[0, l] + alpha[i, h] * phi[i, h * d + l] * val[src[i], h * d + l]
+                        acc[0, l] = acc[0, l] + scalar_message(alpha, phi, val, src, i, h, l)
                     for k in T.unroll(3):
                         for l in T.vectorized(d):
-                            acc[1 + k, l] = acc[1 + k, l] + (
-                                alpha[i, h] * phi[i, F + h * d + l] * val[src[i], F + h * d + l] * u[i, k]
-                                + alpha[i, h] * phi[i, 2 * F + h * d + l] * vv[src[i], k, h * d + l])
+                            acc[1 + k, l] = acc[1 + k, l] + vector_message(alpha, phi, val, u, src, vv, i, h, k, l)
                 for l in T.vectorized(d):
                     ds[a, h * d + l] = acc[0, l]
                 for k in T.unroll(3):

@@ -16,6 +16,7 @@ def kernel_summary(target) -> dict:
     from .int8_matmul import dot_kernel, grad_kernel
 
     kern = dot_kernel(target)
+    backward = grad_kernel(kern)
     cpu = target.kind.name == "llvm"
     return {
         "scalar_linears": ("int8 x int8 -> int32, one TIR kernel per Linear (qso3_int8_linear: activation codes, product, "
@@ -35,8 +36,8 @@ def kernel_summary(target) -> dict:
         "geometry": "custom TIR operators qso3_edge_geometry / qso3_edge_geometry_backward (unit vectors, cutoff, radial "
                     "basis per edge; forces back to atoms in one pass)" if cpu else "generic operators",
         "forces": "straight-through backward; the scalar-branch Linears' input gradients as int8 products (gradient "
-                  f"rows as two int8 code vectors, nn.int8.int8_grad_product: qso3_int8_grad_product, {grad_kernel(kern).name}"
-                  + (" with the two codes as one int16 code, the same sums" if kern and grad_kernel(kern) != kern else "") + ", "
+                  f"rows as two int8 code vectors, nn.int8.int8_grad_product: qso3_int8_grad_product, {backward.name}"
+                  + (" with the two codes as one int16 code, the same sums" if backward != kern else "") + ", "
                   "the input's straight-through mask in the same kernel), the rest in float" if kern and cpu else
                   "float backward with straight-through semantics (equals the QAT model's autograd forces)",
         "schedules": "default CPU rule (kernels.schedule) for unscheduled fused kernels"
