@@ -330,16 +330,26 @@ def test_attention_tir_kernels_match_torch_reference(n, e):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
-def _messages_case(dtype=np.float32, n=9, e=40, channels=16, heads=4):
-    """α, φ, val, s, v, W (vec_value's weight), u, src, dst."""
+def _messages_case(dtype=np.float32, n=9, e=40, channels=16, heads=4, by_receiver=False):
+    """α, φ (per pair of edges), val, s, v, W (vec_value's weight), u, src, dst, and the pairs pair, canon, partner
+    (nn.ops.pairs) of e // 2 random pairs i -> j, j -> i (some repeated; atom 1 has no edges), the edges shuffled
+    or grouped by receiver (the forward's per-receiver pass: receiver_segments finds the order)."""
+    from qso3_tvm.nn.ops.pairs import edge_pairs
+
     rng = np.random.default_rng(3)
     alpha = rng.uniform(size=(e, heads))
-    phi, val = rng.normal(size=(e, 3 * channels)), rng.normal(size=(n, 2 * channels))
+    phi, val = rng.normal(size=(e // 2, 3 * channels)), rng.normal(size=(n, 2 * channels))
     s, v, w = rng.normal(size=(n, channels)), rng.normal(size=(n, 3, channels)), rng.normal(size=(channels, channels)) / 4
     u = rng.normal(size=(e, 3))
     u /= np.linalg.norm(u, axis=1, keepdims=True)
-    src, dst = rng.integers(0, n, e), rng.integers(0, n, e)
-    return [x.astype(dtype) for x in (alpha, phi, val, s, v, w, u)] + [src, dst]
+    atoms = np.delete(np.arange(n), 1)
+    i = rng.choice(atoms, e // 2)
+    j = np.array([rng.choice(atoms[atoms != a]) for a in i])
+    src, dst = np.concatenate([i, j]), np.concatenate([j, i])
+    order = np.argsort(dst, kind="stable") if by_receiver else rng.permutation(e)
+    src, dst = src[order], dst[order]
+    pairs = [x.numpy() for x in edge_pairs(torch.from_numpy(src), torch.from_numpy(dst))]
+    return [x.astype(dtype) for x in (alpha, phi, val, s, v, w, u)] + [src, dst, *pairs]
 
 
 def test_messages_operator_equals_model_messages_and_their_gradient():
@@ -347,7 +357,7 @@ def test_messages_operator_equals_model_messages_and_their_gradient():
     from qso3_tvm.nn.model import residual_messages
     from qso3_tvm.nn.ops.messages import MessagesKernel
 
-    *floats, w, u, src, dst = (torch.from_numpy(x) for x in _messages_case(np.float64))
+    *floats, w, u, src, dst, pair, canon, partner = (torch.from_numpy(x) for x in _messages_case(np.float64))
     linear = torch.nn.Linear(16, 16, bias=False).double()
     linear.weight.data.copy_(w)
     rng = np.random.default_rng(4)
@@ -355,7 +365,7 @@ def test_messages_operator_equals_model_messages_and_their_gradient():
     results = []
     for messages in (residual_messages, MessagesKernel()):
         xs = [x.clone().requires_grad_(True) for x in floats + [u]]
-        s1, v1 = messages(*xs[:5], linear, xs[5], src, dst)
+        s1, v1 = messages(*xs[:5], linear, xs[5], src, dst, (pair, canon, partner))
         results.append((s1.detach(), v1.detach(), *torch.autograd.grad((s1 * g_s).sum() + (v1 * g_v).sum(), xs)))
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
@@ -371,12 +381,8 @@ def test_messages_tir_kernels_match_torch_reference(n, e, by_receiver, F):
 
     assert (e >= messages.PARALLEL_MIN_EDGES) == (e > 40)
     target = resolve_target("x86-64").tvm_target()
-    inputs = _messages_case(n=n, e=e, channels=F)
-    if by_receiver:  # the forward's per-receiver pass (receiver_segments finds the order); atom 1 receives nothing
-        inputs[-1] = np.where(inputs[-1] == 1, 2, inputs[-1])
-        order = np.argsort(inputs[-1], kind="stable")
-        inputs = [x[order] if x.shape[0] == e else x for x in inputs]
-    alpha, phi, val, s, v, w, u, src, dst = inputs
+    inputs = _messages_case(n=n, e=e, channels=F, by_receiver=by_receiver)
+    alpha, phi, val, s, v, w, u, src, dst, pair, canon, partner = inputs
     wt = np.ascontiguousarray(w.T)
     rng = np.random.default_rng(5)
     grads = [rng.normal(size=(n, F)).astype(np.float32), rng.normal(size=(n, 3, F)).astype(np.float32)]
@@ -384,13 +390,51 @@ def test_messages_tir_kernels_match_torch_reference(n, e, by_receiver, F):
     bwd = tvm.compile(tvm.IRModule({"main": messages.backward_func(F, 4)}), target=target)
     t = torch.from_numpy
     ref_fwd = torch.ops.qso3.messages(*map(t, inputs))
-    ref_bwd = torch.ops.qso3.messages_backward(*map(t, grads + [alpha, phi, val, v, w, u, src, dst]))
-    cases = ((fwd, [alpha, phi, val, s, v, wt, u, src, dst], ref_fwd), (bwd, grads + [alpha, phi, val, v, w, wt, u, src, dst], ref_bwd))
+    ref_bwd = torch.ops.qso3.messages_backward(*map(t, grads + [alpha, phi, val, v, w, u, src, dst, pair, canon, partner]))
+    cases = ((fwd, [alpha, phi, val, s, v, wt, u, src, dst, pair], ref_fwd),
+             (bwd, grads + [alpha, phi, val, v, w, wt, u, src, dst, canon, partner], ref_bwd))
     for lib, args, refs in cases:
         outs = [tvm.runtime.tensor(np.full(r.shape, np.nan, np.float32)) for r in refs]
         lib(*(tvm.runtime.tensor(x) for x in args), *outs)
         for out, ref in zip(outs, refs):
             np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref.numpy()).max()))
+
+
+@pytest.mark.parametrize("by_receiver", [True, False])
+def test_edge_pairs_kernel_matches_torch_operator(by_receiver):
+    """qso3.edge_pairs (each edge's pair; each pair's canonical edge and its reverse) from a neighbor list with repeated
+    pairs (as bucket padding makes them), grouped by receiver or shuffled: TIR kernel == torch operator, and every
+    pair is one edge i -> j, i < j, and one j -> i, each edge in exactly one pair."""
+    from qso3_tvm.compiler.kernels.pairs import pairs_func
+    from qso3_tvm.graph.convention import repeat_pair
+    from qso3_tvm.graph.neighbors import radius_graph
+    from qso3_tvm.nn.ops.pairs import edge_pairs
+
+    rng = np.random.default_rng(7)
+    src, dst = repeat_pair(*radius_graph(rng.normal(size=(30, 3)) * 2, 3.0), (4, 9), 3)
+    if not by_receiver:
+        order = rng.permutation(len(src))
+        src, dst = src[order], dst[order]
+    pair, canon, partner = (x.numpy() for x in edge_pairs(torch.from_numpy(src), torch.from_numpy(dst)))
+    p = np.arange(len(src) // 2)
+    assert len(canon) == len(partner) == len(p) and (src[canon] < dst[canon]).all()
+    assert (src[partner] == dst[canon]).all() and (dst[partner] == src[canon]).all()
+    assert (np.sort(np.concatenate([canon, partner])) == np.arange(len(src))).all()
+    assert (pair[canon] == p).all() and (pair[partner] == p).all()
+    lib = tvm.compile(tvm.IRModule({"main": pairs_func()}), target=resolve_target("x86-64").tvm_target())
+    outs = [tvm.runtime.tensor(np.full(n, -1, np.int64)) for n in (len(src), len(p), len(p))]
+    lib(tvm.runtime.tensor(src), tvm.runtime.tensor(dst), *outs)
+    for out, want in zip(outs, (pair, canon, partner)):
+        np.testing.assert_array_equal(out.numpy(), want)
+
+
+@pytest.mark.parametrize("src, dst", [([0, 1, 1, 2], [1, 0, 2, 0]), ([0, 1, 2, 2], [1, 0, 2, 2]), ([0, 1, 0, 2], [1, 0, 1, 0])])
+def test_edge_pairs_operator_refuses_edges_that_are_not_pairs(src, dst):
+    """An edge without its reverse, a self-loop, a repeated edge whose reverse is not repeated."""
+    from qso3_tvm.nn.ops.pairs import edge_pairs
+
+    with pytest.raises(ValueError, match="pairs"):
+        edge_pairs(torch.tensor(src), torch.tensor(dst))
 
 
 def _update_case(dtype, n=9, channels=16, seed=6):
@@ -528,7 +572,7 @@ def test_quantized_graph_runs_custom_operators():
     assert any(n.startswith("qso3_int8_qkv_grad_") for n in names)  # and their backward
     assert {"qso3_l2_attention_2x8", "qso3_l2_attention_backward_2x8", "qso3_mddq_16_255_1", "qso3_mddq_backward_16_255_1_geometric", "qso3_messages_16x2",
             "qso3_messages_backward_16x2", "qso3_residual_norms_16", "qso3_residual_norms_backward_16", "qso3_gated_update_16",
-            "qso3_gated_update_backward_16", "qso3_edge_geometry_8", "qso3_edge_geometry_backward_8"} <= names
+            "qso3_gated_update_backward_16", "qso3_edge_geometry_8", "qso3_edge_geometry_backward_8", "qso3_edge_pairs"} <= names
     assert any(n.startswith("qso3_scatter_rows_add_float32_") for n in names)  # neighbor sums
 
 

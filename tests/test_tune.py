@@ -67,11 +67,15 @@ def tuned_static(tiny, tuned_db):
 
 
 def test_bucket_parse_fit_and_choice():
-    assert Bucket.parse("ethanol") == Bucket(12, 80, 2) and Bucket.parse("1,2,3".replace("1", "4")).atoms == 4
+    assert Bucket.parse("ethanol") == Bucket(12, 80, 2) and Bucket.parse(" 4,6,3") == Bucket(4, 6, 3)
     with pytest.raises(QSO3Error, match="ATOMS,EDGES,MOLECULES"):
         Bucket.parse("12,80")
     with pytest.raises(QSO3Error, match="ghost"):
         Bucket.parse("2,80,2")
+    with pytest.raises(QSO3Error, match="≥ 4 edges"):
+        Bucket.parse("4,2,3")
+    with pytest.raises(QSO3Error, match="even"):
+        Bucket.parse("12,81,2")
     assert Bucket(12, 80, 2).fits(9, 72, 1) and not Bucket(12, 80, 2).fits(11, 72, 1)
     assert not Bucket(12, 80, 2).fits(9, 79, 1) and not Bucket(12, 80, 2).fits(9, 72, 2)
     assert choose_bucket([[40, 400, 3], [12, 80, 2]], 9, 72, 1) == Bucket(12, 80, 2)
@@ -101,8 +105,9 @@ def test_padding_ghosts_are_isolated_and_far():
     sp, p, mol, src, dst, slots = pad_arrays(*args, 2, Bucket(10, 16, 4), cutoff, ghost=(2, 3))
     assert (len(sp), len(src), len(slots)) == (10, 16, 4)
     assert (mol[4:] == 1).all()  # padding atoms belong to the ghost molecule
-    assert set(zip(src[4:], dst[4:])) == {(2, 3)}  # padding edges duplicate the ghost's edge into its later atom,
-    assert np.all(np.diff(dst) >= 0)  # so edges stay grouped by receiving atom
+    # padding edges repeat the ghost pair in both directions (every edge keeps a reverse: nn.ops.pairs) ...
+    assert sorted(zip(src[2:], dst[2:])) == [(2, 3)] * 7 + [(3, 2)] * 7
+    assert np.all(np.diff(dst) >= 0)  # ... inserted so that edges stay grouped by receiving atom
     far = p[4:]
     d = np.linalg.norm(far[:, None] - np.concatenate([p[:4], far])[None], axis=-1)
     d[np.arange(6), 4 + np.arange(6)] = np.inf

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ..graph.convention import MIN_EDGES
 from ..graph.molecules import MoleculeSet
 from ..nn.batch import Batch, make_batch
 from ..nn.model import So3krates
@@ -71,6 +72,6 @@ def export_energy_forces(model: So3krates, bucket=None) -> torch.export.Exported
         return torch.export.export(traced, args)
     with torch.enable_grad():
         traced = make_fx(wrapper, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*args)
-    n, e, m = (torch.export.Dim(name, min=2) for name in ("atoms", "edges", "molecules"))
+    n, e, m = (torch.export.Dim(name, min=low) for name, low in (("atoms", 2), ("edges", MIN_EDGES), ("molecules", 2)))
     shapes = ({0: n}, {0: n}, {0: n}, {0: e}, {0: e}, {0: m})
     return torch.export.export(traced, args, dynamic_shapes=shapes)

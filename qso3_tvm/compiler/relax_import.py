@@ -231,10 +231,11 @@ def _messages(node, imp):
     from .kernels.messages import forward_func
 
     bb = imp.block_builder
-    alpha, phi, val, s, v, w, u, src, dst = (imp.env[a] for a in node.args)
+    alpha, phi, val, s, v, w, u, src, dst, pair, _, _ = (imp.env[a] for a in node.args)
     wt = bb.emit(relax.op.permute_dims(w, [1, 0]))
     outs = [relax.TensorType(s.ty.shape, "float32"), relax.TensorType(v.ty.shape, "float32")]
-    return _call_kernel(bb, forward_func(int(v.ty.shape[2]), int(alpha.ty.shape[1])), [alpha, phi, val, s, v, wt, u, src, dst], outs)
+    return _call_kernel(bb, forward_func(int(v.ty.shape[2]), int(alpha.ty.shape[1])),
+                        [alpha, phi, val, s, v, wt, u, src, dst, pair], outs)
 
 
 def _messages_backward(node, imp):
@@ -242,11 +243,22 @@ def _messages_backward(node, imp):
     from .kernels.messages import backward_func
 
     bb = imp.block_builder
-    g_s, g_v, alpha, phi, val, v, w, u, src, dst = (imp.env[a] for a in node.args)
+    g_s, g_v, alpha, phi, val, v, w, u, src, dst, _, canon, partner = (imp.env[a] for a in node.args)
     wt = bb.emit(relax.op.permute_dims(w, [1, 0]))
     outs = [relax.TensorType(x.ty.shape, "float32") for x in (alpha, phi, val, v, u)]
     return _call_kernel(bb, backward_func(int(v.ty.shape[2]), int(alpha.ty.shape[1])),
-                        [g_s, g_v, alpha, phi, val, v, w, wt, u, src, dst], outs)
+                        [g_s, g_v, alpha, phi, val, v, w, wt, u, src, dst, canon, partner], outs)
+
+
+def _edge_pairs(node, imp):
+    """qso3.edge_pairs -> call_tir of its kernel (compiler.kernels.pairs): pair (e,), canon, partner (e // 2,)."""
+    from .kernels.pairs import pairs_func
+
+    src, dst = (imp.env[a] for a in node.args)
+    e = src.ty.shape[0]
+    half = relax.TensorType([tirx.floordiv(e, 2)], "int64")
+    outs = [relax.TensorType([e], "int64"), half, half]
+    return _call_kernel(imp.block_builder, pairs_func(), [src, dst], outs)
 
 
 def _edge_geometry(node, imp):
@@ -320,6 +332,7 @@ CONVERTERS = {
     "messages.default": _messages,
     "messages_backward.default": _messages_backward,
     "edge_geometry.default": _edge_geometry,
+    "edge_pairs.default": _edge_pairs,
     "edge_geometry_backward.default": _edge_geometry_backward,
     "residual_norms.default": _residual_norms,
     "residual_norms_backward.default": _residual_norms_backward,

@@ -6,7 +6,9 @@ pos (atoms, 3) float32, mol (atoms,) int64, src (edges,) int64, dst (edges,) int
 the per-element shifts, forces (atoms, 3).
 
 Every call appends a ghost molecule (two atoms of the first species, 1 Å apart) so that the atom, edge
-and molecule counts are never 0 or 1, the sizes torch.export specializes; its outputs are dropped.
+and molecule counts are never 0 or 1, the sizes torch.export specializes; its outputs are dropped. Edges come
+in pairs (i -> j and j -> i: the radial filter is computed once per pair, nn.ops.pairs), grouped by receiving
+atom; a call has at least two pairs (a call whose only edges are the ghost's repeats the ghost pair).
 
 Specialized functions: a symbolic library can also hold copies of `main`/`energy` at static sizes
 (`main_b12_80_2`, ...; manifest `inputs.specialized`). A call that fits one of those buckets is padded
@@ -15,8 +17,9 @@ time: ~2x faster on small molecules); other calls run the symbolic function.
 
 Static builds (tuned, `--bucket`) have fixed sizes: a bucket (atoms, edges, molecules) is the padded
 size of every call: the real molecules, the ghost molecule plus every padding atom (each ≥ 2×cutoff
-from everything else, so they have no neighbours), padding edges that duplicate the ghost pair's edge into its later atom,
-and empty molecule slots (energy 0). A call needs atoms + 2, edges + 2 and molecules + 1 slots.
+from everything else, so they have no neighbours), padding edges that repeat the ghost pair (both directions,
+inserted so that edges stay grouped by receiver), and empty molecule slots (energy 0). A call needs atoms + 2,
+edges + 2 and molecules + 1 slots; a bucket's edge count is even (pairs).
 
 The manifest's `inputs` section records which of the two a library is (`dynamic_inputs`, `static_inputs`).
 """
@@ -42,6 +45,7 @@ ENTRY_POINTS = {"main": "energy (molecules,), forces (atoms, 3)", "energy": "ene
 INPUT_NAMES = ("species", "pos", "mol", "src", "dst", "mol_slots")
 CALL_DIMS = ("atoms", "edges", "molecules")
 GHOST_ATOMS, GHOST_EDGES = 2, 2
+MIN_EDGES = 4  # two pairs: torch.export would specialize a pair count of 0 or 1
 # documented buckets (README, reports/tuning.md): the calls of the bench's ethanol-b1, aspirin-b1 and qm9-b32
 # workloads (room_for each, ghost included), so that databases tuned at them serve those calls
 NAMED_BUCKETS = {
@@ -72,8 +76,10 @@ class Bucket:
         if len(vals) != 3:
             raise QSO3Error(f"bucket must be ATOMS,EDGES,MOLECULES (or one of {', '.join(NAMED_BUCKETS)}), not {spec!r}")
         b = cls(*vals)
-        if b.atoms < 3 or b.edges < 2 or b.molecules < 2:
-            raise QSO3Error(f"bucket {b.text}: needs ≥ 3 atoms, ≥ 2 edges, ≥ 2 molecules (room for the ghost molecule)")
+        if b.atoms < 3 or b.edges < MIN_EDGES or b.molecules < 2:
+            raise QSO3Error(f"bucket {b.text}: needs ≥ 3 atoms, ≥ {MIN_EDGES} edges, ≥ 2 molecules (room for the ghost molecule)")
+        if b.edges % 2:
+            raise QSO3Error(f"bucket {b.text}: the edge count must be even (edges come in pairs i -> j, j -> i)")
         return b
 
     @property
@@ -108,8 +114,8 @@ def pad_to_bucket(arrays: list, buckets, cutoff: float, where: str) -> list:
 
 def pad_arrays(species, pos, mol, src, dst, n_mol: int, bucket: Bucket, cutoff: float, ghost: tuple[int, int] | None = None):
     """Pad graph arrays to a bucket. `ghost` is the (i, j) atom pair of an existing ghost molecule
-    (the last molecule) whose edge i -> j (i < j) is duplicated; None when the arrays have no ghost yet (export):
-    then atoms are padded onto the last molecule and edges duplicate its first edge.
+    (the last molecule) whose edges are repeated (repeat_pair); None when the arrays have no ghost yet (export):
+    then atoms are padded onto the last molecule and edges repeat its first pair.
     Returns (species, pos, mol, src, dst, mol_slots) as numpy arrays of the bucket's sizes."""
     n, e = len(species), len(src)
     if n > bucket.atoms or e > bucket.edges or n_mol > bucket.molecules or e == 0:
@@ -118,17 +124,24 @@ def pad_arrays(species, pos, mol, src, dst, n_mol: int, bucket: Bucket, cutoff: 
     gap = 2.0 * cutoff + 1.0  # ≥ 2×cutoff (with a margin for float32) from everything and each other
     extra_pos = np.zeros((k, 3), pos.dtype)
     extra_pos[:, 0] = float(np.abs(pos).max(initial=0.0)) + gap * np.arange(1, k + 1)
-    # one direction of the ghost pair, into its later atom: edges grouped by receiving atom stay so (the
-    # messages kernel's per-receiver pass, compiler.kernels.messages)
-    i, j = sorted(ghost) if ghost is not None else (int(src[0]), int(dst[0]))
-    reps = bucket.edges - e
-    pad_src = np.full(reps, i, src.dtype)
-    pad_dst = np.full(reps, j, dst.dtype)
+    if (bucket.edges - e) % 2:
+        raise QSO3Error(f"{e} edges cannot be padded to {bucket.edges}: edges come in pairs (an odd count is not a "
+                        "neighbor list)")
+    src, dst = repeat_pair(src, dst, ghost if ghost is not None else (int(src[0]), int(dst[0])), (bucket.edges - e) // 2)
     return (np.concatenate([species, np.full(k, species[-1], species.dtype)]),
             np.concatenate([pos, extra_pos]),
             np.concatenate([mol, np.full(k, n_mol - 1, mol.dtype)]),
-            np.concatenate([src, pad_src]), np.concatenate([dst, pad_dst]),
-            np.zeros(bucket.molecules, pos.dtype))
+            src, dst, np.zeros(bucket.molecules, pos.dtype))
+
+
+def repeat_pair(src, dst, pair: tuple[int, int], times: int):
+    """Edges with `times` more copies of both edges of an atom pair, each inserted after the last edge into its
+    receiver: edges grouped by receiving atom stay so (the messages kernel's per-receiver pass), and every
+    edge keeps a reverse (the per-pair radial filter, nn.ops.pairs)."""
+    for a, b in (pair, pair[::-1]):  # copies of b -> a into receiver a
+        at = int(np.searchsorted(dst, a, side="right")) if np.all(dst[1:] >= dst[:-1]) else len(dst)
+        src, dst = np.insert(src, at, np.full(times, b, src.dtype)), np.insert(dst, at, np.full(times, a, dst.dtype))
+    return src, dst
 
 
 def bucket_function(entry: str, bucket: Bucket) -> str:
@@ -199,7 +212,11 @@ def call_arrays(mols: MoleculeSet, frames, species: tuple[int, ...], cutoff: flo
     fitting bucket when `buckets` are given), and the frames with the ghost."""
     padded, idx = with_ghost(mols, list(frames), species)
     g = graph_arrays(padded, idx, species, cutoff)
-    arrays = [g.species, g.pos.astype(np.float32), g.mol, g.src, g.dst, np.zeros(g.n_mol, np.float32)]
+    src, dst = g.src, g.dst
+    if len(src) < MIN_EDGES:  # the ghost's pair only: repeated
+        n = len(g.species)
+        src, dst = repeat_pair(src, dst, (n - 2, n - 1), (MIN_EDGES - len(src)) // 2)
+    arrays = [g.species, g.pos.astype(np.float32), g.mol, src, dst, np.zeros(g.n_mol, np.float32)]
     if buckets:
         arrays = pad_to_bucket(arrays, buckets, cutoff, where)
     return arrays, padded
@@ -242,7 +259,7 @@ def check_call_size(manifest: dict, numbers: np.ndarray, positions: np.ndarray) 
 def dynamic_inputs() -> dict:
     """The manifest's `inputs` section of a library with symbolic sizes."""
     return {"species": ["atoms"], "pos": ["atoms", 3], "mol": ["atoms"], "src": ["edges"], "dst": ["edges"],
-            "mol_slots": ["molecules"], "bounds": {"atoms": [2, None], "edges": [2, None], "molecules": [2, None]},
+            "mol_slots": ["molecules"], "bounds": {"atoms": [2, None], "edges": [MIN_EDGES, None], "molecules": [2, None]},
             "note": "symbolic shapes: one library serves any molecule size; a ghost molecule pads each call"}
 
 

@@ -161,12 +161,14 @@ class InteractionLayer(nn.Module):
         denom = segment_sum(w, dst, n_atoms) + torch.exp(-m)  # sink: logit 0, value 0
         return w / denom[dst]  # (E, H)
 
-    def forward(self, s, v, src, dst, u, rbf, fc):
+    def forward(self, s, v, src, dst, u, rbf, fc, pairs=None):
+        """`rbf` per edge, or with `pairs` = (pair, canon, partner) (deployment, nn.ops.pairs) per pair of edges: edge e's
+        basis is rbf[pair[e]]."""
         qkv = getattr(self, "fused_qkv", None)  # deployment: the three Linears of s as one custom operator (s passes through)
         q, k, val, s = qkv(self.q, self.k, self.value, s) if qkv is not None else (self.q(s), self.k(s), self.value(s), s)
         alpha = self.attention_weights(q, k, src, dst, fc, s.shape[0])  # (E, H)
         messages = getattr(self, "fused_messages", None) or residual_messages  # deployment: one custom operator
-        s, v = messages(alpha, self.filter(rbf), val, s, v, self.vec_value, u, src, dst)
+        s, v = messages(alpha, self.filter(rbf), val, s, v, self.vec_value, u, src, dst, pairs)
         fused = getattr(self, "fused_update", None)  # deployment: custom operators around the update MLP
         norms, gate = (fused.residual_norms, fused.gated_update) if fused is not None else (residual_norms, gated_update)
         x, s, v, uvvv = norms(s, v, self.vec_uv)
@@ -174,8 +176,11 @@ class InteractionLayer(nn.Module):
         return self.hooks.scalar(s), self.hooks.vector(v)
 
 
-def residual_messages(alpha, phi, val, s, v, vec_value, u, src, dst):
-    """A layer's residual sums s + ds, v + dv with the neighbor sums of aggregate_messages (vv = vec_value(v))."""
+def residual_messages(alpha, phi, val, s, v, vec_value, u, src, dst, pairs=None):
+    """A layer's residual sums s + ds, v + dv with the neighbor sums of aggregate_messages (vv = vec_value(v));
+    with `pairs` = (pair, canon, partner), φ is per pair of edges (nn.ops.pairs) and edge e's is phi[pair[e]]."""
+    if pairs is not None:
+        phi = phi[pairs[0]]
     ds, dv = aggregate_messages(alpha, phi, val, vec_value(v), u, src, dst)
     return s + ds, v + dv
 
@@ -212,10 +217,14 @@ class So3krates(nn.Module):
     def atomic_energies(self, species, pos, src, dst):
         fused = getattr(self, "fused_geometry", None)  # deployment: one custom operator
         u, fc, rbf = (fused or edge_geometry)(pos, src, dst, self.rbf, self.cfg.cutoff)
+        pairs = getattr(self, "fused_pairs", None)  # deployment: the radial filter once per pair of edges
+        if pairs is not None:
+            pairs = pairs(src, dst)  # pair, canon, partner
+            rbf = rbf[pairs[1]]
         s = self.embed(species)
         v = s.new_zeros(s.shape[0], 3, s.shape[1])
         for layer in self.layers:
-            s, v = layer(s, v, src, dst, u, rbf, fc)
+            s, v = layer(s, v, src, dst, u, rbf, fc, pairs)
         return self.head(s).squeeze(-1) * self.energy_scale
 
     def forward(self, species, pos, mol, src, dst, n_mol: int):

@@ -33,6 +33,8 @@ def kernel_summary(target) -> dict:
                     if cpu else "generic operators",
         "update": "custom TIR operators qso3_residual_norms / qso3_gated_update and their backwards (residual sums, l=1 "
                   "channel mix, norms, gated mixing: one pass per atom each)" if cpu else "generic operators",
+        "radial_filter": "once per pair of edges i -> j, j -> i (qso3_edge_pairs ranks the pairs; the messages read φ of "
+                         "their pair, its gradient summed per pair): half the filter work" if cpu else "once per edge",
         "geometry": "custom TIR operators qso3_edge_geometry / qso3_edge_geometry_backward (unit vectors, cutoff, radial "
                     "basis per edge; forces back to atoms in one pass)" if cpu else "generic operators",
         "forces": "straight-through backward; the scalar-branch Linears' input gradients as int8 products (gradient "

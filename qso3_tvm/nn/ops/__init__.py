@@ -1,10 +1,11 @@
-"""torch halves of the custom operators (MDDQ, L2 attention, messages, update, edge geometry, int8 Linears);
+"""torch halves of the custom operators (MDDQ, L2 attention, messages, update, edge geometry and pairs, int8 Linears);
 their TIR kernels are in compiler.kernels."""
 
 
 def fuse_operators(model):
     """`model` (changed in place) with its messages, its update around the MLP and its edge geometry as custom
-    operators: every CPU build, whatever its precision (nn.int8.to_int8 adds the quantized ones)."""
+    operators, and its radial filters computed once per pair of edges (nn.ops.pairs): every CPU build, whatever
+    its precision (nn.int8.to_int8 adds the quantized ones)."""
     from .geometry import fuse_geometry
     from .messages import fuse_messages
     from .update import fuse_update
