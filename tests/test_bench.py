@@ -50,7 +50,7 @@ def test_bench_smoke(tiny_ckpt, tmp_path):
     assert got[("eager-fp32", "E+F")]["max_abs_dF_mev_per_a"] == 0.0
     assert res["routes"]["eager-fp32"]["processes"]["1"]["peak_rss_kb"] > 0
     assert res["routes"]["eager-int8"]["weight_bytes"] > 0 and res["routes"]["eager-fp32"]["weight_bytes"] > 0
-    assert res["macs"]["ethanol-b1"]["counted_linear"]["forward"] == res["macs"]["ethanol-b1"]["forward_linear"]
+    assert res["macs"]["ethanol-b1"]["counted_linear"]["forward"] == res["macs"]["ethanol-b1"]["forward_linear_per_edge"]
     assert res["physical_limit"]["rows"]
     assert res["workloads"]["ethanol-b1"]["neighbor_list_ms"] > 0 and "neighbor list ms" in md
     scaling = md.split("## How cost grows")[1].split("\n## ")[0]  # µs per atom, one column per workload
@@ -69,7 +69,8 @@ def test_bench_rejects_bad_input(tmp_path):
 
 
 def test_mac_count_matches_torch_counter():
-    """The analytic Linear MACs equal torch's FlopCounterMode count on the bundled model."""
+    """The analytic Linear MACs equal torch's FlopCounterMode count on the bundled model (which runs the radial
+    filter per edge); the floor's count runs it once per pair of edges."""
     from qso3_tvm.graph.molecules import MoleculeSet
     from qso3_tvm.nn.batch import make_batch
     from qso3_tvm.nn.checkpoint import load_payload
@@ -78,9 +79,12 @@ def test_mac_count_matches_torch_counter():
     b = make_batch(MoleculeSet.from_molecules(mols), [0], (1, 6, 7, 8, 9), 5.0)
     macs = bench_stats.mac_count(load_payload("ethanol-fp32")["config"], len(b.species), len(b.src))
     counted = bench_stats.counted_linear_macs("ethanol-fp32", mols)
-    assert counted["forward"] == macs["forward_linear"]
+    assert counted["forward"] == macs["forward_linear_per_edge"]
     # forces need input gradients only: one product per Linear in the backward
-    assert counted["energy_forces"] == pytest.approx(2 * macs["forward_linear"], rel=0.02)
+    assert counted["energy_forces"] == pytest.approx(2 * macs["forward_linear_per_edge"], rel=0.02)
+    cfg = load_payload("ethanol-fp32")["config"]
+    filter_macs = cfg["layers"] * (len(b.src) // 2) * (cfg["n_rbf"] * cfg["channels"] + 3 * cfg["channels"] ** 2)
+    assert len(b.src) % 2 == 0 and macs["forward_linear"] == macs["forward_linear_per_edge"] - filter_macs
 
 
 def test_stats_and_paired_speedup():

@@ -131,12 +131,14 @@ def render_physical_limit(res: dict) -> list[str]:
             if pk.get("int8_gmac_s") else "no int8 dot-product instruction. ")
          + "AMX-INT8 would be far higher but no route here uses it.", "",
          "Multiply-accumulates of one pass, counted from the model config (apps.bench mac_count: per layer "
-         "and edge the radial filter MLP R→F→3F plus ~23F elementwise; per layer and atom the q, k, value, vector "
-         "and update Linears, 18F², plus ~12F elementwise). Energy+forces: forces need only input gradients, so the "
+         "and pair of edges i → j, j → i the radial filter MLP R→F→3F (it depends on |r_ij| only: the least work "
+         "computes it once per pair, as the TVM routes do), per edge ~23F elementwise; per layer and atom the q, k, "
+         "value, vector and update Linears, 18F², plus ~12F elementwise). Energy+forces: forces need only input gradients, so the "
          "backward of a Linear is one product (1 × its forward) and the elementwise backward ≈ 2 × its forward: "
          "E+F = 2 × Linear + 3 × elementwise, about 2.1 × forward (the usual 'backward ≈ 2 × forward' counts weight "
          "gradients too and would give 3 ×). 'counted' is torch's FlopCounterMode on the eager model (matrix products "
-         "only, forward and forward+input-backward); it matches the Linear column.", "",
+         "only, forward and forward+input-backward), which runs the filter per edge: it matches the Linear column with the "
+         "filter counted per edge (the eager model's work).", "",
          "| workload | atoms | edges | forward MAC | of which Linear | per-edge share | E+F MAC | counted Linear MAC fwd / E+F | "
          "fp32 floor E / E+F (ms) | int8 floor E / E+F (ms) |",
          "|---|---|---|---|---|---|---|---|---|---|"]

@@ -45,13 +45,19 @@ def mac_count(cfg: dict, atoms: int, edges: int) -> dict:
     value (Fx2F), W v and vec_uv on 3 components (3FxF, 3Fx2F), update MLP (2F->F->3F) plus ~12F
     elementwise; energy head F->F->1; radial basis R per edge. Forces need input gradients only: the
     backward of a Linear is one product (dX = dY W, no weight gradient), 1x its forward (FlopCounterMode
-    agrees), the elementwise backward ~2x its forward; so E+F = 2 x Linear + 3 x elementwise."""
+    agrees), the elementwise backward ~2x its forward; so E+F = 2 x Linear + 3 x elementwise.
+    The radial filter depends on |r_ij| only, the same for both edges of a pair i -> j, j -> i (the neighbor lists
+    hold both), so the least work runs it once per pair (as the TVM routes do, nn.ops.pairs): the floor's count.
+    `forward_linear_per_edge` runs it per edge, as the eager model does (torch's count)."""
     F, L, R = cfg["channels"], cfg["layers"], cfg["n_rbf"]
-    edge_lin, atom_lin = R * F + 3 * F * F, 18 * F * F
-    lin = L * (edges * edge_lin + atoms * atom_lin) + atoms * (F * F + F)
+    filter_lin, atom_lin = R * F + 3 * F * F, 18 * F * F
+    atom_part = L * atoms * atom_lin + atoms * (F * F + F)
+    lin = L * (edges // 2) * filter_lin + atom_part
     elem = L * (edges * 23 * F + atoms * 12 * F) + edges * R
+    edge_part = L * (edges // 2) * filter_lin + L * edges * 23 * F
     return {"forward_linear": int(lin), "forward_elementwise": int(elem), "forward": int(lin + elem),
-            "energy_forces": int(2 * lin + 3 * elem), "edge_share": L * edges * (edge_lin + 23 * F) / (lin + elem)}
+            "energy_forces": int(2 * lin + 3 * elem), "edge_share": edge_part / (lin + elem),
+            "forward_linear_per_edge": int(L * edges * filter_lin + atom_part)}
 
 
 def counted_linear_macs(model_spec: str, molecules: list) -> dict:
