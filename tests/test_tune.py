@@ -195,6 +195,29 @@ def test_corrupt_database_is_a_clear_error(tuned_db, tiny):
     assert r.exit_code == 2 and "no tuning database" in r.output
 
 
+def test_failed_tuning_leaves_no_empty_database(tiny, tuned_db, monkeypatch):
+    """A bad bucket creates nothing; a run that fails before its first record removes the database it created,
+    and never one that was there before."""
+    import qso3_tvm.compiler.tuning.tune as tune_module
+
+    r = CliRunner().invoke(app, ["tune", str(tiny / "tiny.pt"), "--target", "x86-64", "--bucket", "12,81,2",
+                                 "--work-dir", str(tiny / "db_never")])
+    assert r.exit_code == 2 and "must be even" in r.output and not (tiny / "db_never").exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(tune_module, "rank_tasks", broken)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tune(str(tiny / "tiny.pt"), "x86-64", trials=2, work_dir=tiny / "db_never", buckets=[BUCKET], log=quiet)
+    assert not (tiny / "db_never").exists()
+    db, _ = tuned_db
+    kept = records(db)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tune(str(tiny / "tiny.pt"), "x86-64", trials=2, work_dir=db, buckets=[BUCKET], log=quiet)
+    assert records(db) == kept
+
+
 def test_stock_meta_schedule_loggers_still_break_on_unnamed_handlers(tmp_path):
     """TVM bug (qso3_tvm.compiler.tvm_fixes, 3): an unnamed handler on MetaSchedule's logger breaks
     get_loggers_from_work_dir; meta_schedule_loggers works and leaves the handler in place."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..kernels.pipeline import fused
 from ..module import relax_module
 from ..targets import resolve_target, tuning_target
 from ..tvm_fixes import meta_schedule_loggers
-from .database import TASKS_FILE, database_sha256, default_work_dir, is_scheduled, open_database, read_tasks_file
+from .database import RECORD_FILE, TASKS_FILE, database_sha256, default_work_dir, is_scheduled, open_database, read_tasks_file
 from .measure import make_builder_runner, measure_untuned, profile_kernels
 
 
@@ -171,9 +172,10 @@ def tune(model_spec: str, target: str, trials: int, work_dir: str | Path | None 
     model_path = resolve_model_path(model_spec)
     model = load_model(model_path)
     work = Path(work_dir) if work_dir else default_work_dir(model_spec, spec.name)
-    db = open_database(work)
     prev = read_tasks_file(work)
     bks = [Bucket.parse(b) for b in (buckets or prev.get("buckets") or ["ethanol"])]
+    created = not work.exists()
+    db = open_database(work)
     per_task = trials_per_task or min(trials, 8)
     builder, runner, where = make_builder_runner(spec, rpc_tracker, rpc_key, None)
     log(f"tuning {model_path.name} for {spec.name} ({json.dumps(spec.target)}), buckets "
@@ -188,6 +190,10 @@ def tune(model_spec: str, target: str, trials: int, work_dir: str | Path | None 
                     "db": db, "cost_model": cost_model}
         t_start = time.time()
         rows = tune_chosen(chosen, before, trials, per_task, ctx_args, log)
+    except BaseException:  # failed or interrupted: a database this run created and filled with nothing goes
+        if created and not _has_records(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         if getattr(runner, "pool", None) is not None:  # LocalRunner keeps worker processes alive otherwise
             runner.pool.shutdown()
@@ -195,6 +201,11 @@ def tune(model_spec: str, target: str, trials: int, work_dir: str | Path | None 
         "model": str(model_path), "work_dir": str(work), "target": spec.name, "tvm_target": spec.target,
         "buckets": [b.as_list() for b in bks], "trials": trials, "trials_per_task": per_task, "measured_on": where,
         "tasks_total": len(ranked)}, time.time() - t_start, log)
+
+
+def _has_records(work: Path) -> bool:
+    path = work / RECORD_FILE
+    return path.is_file() and path.stat().st_size > 0
 
 
 def write_summary(work: Path, prev: dict, rows: list[dict], info: dict, elapsed: float, log) -> dict:
