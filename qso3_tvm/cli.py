@@ -100,6 +100,8 @@ def quantize(
     branch_separate: bool = typer.Option(True, help="--no-branch-separate: one learning rate for all"),
     vector: str = typer.Option("mddq", help="vector features: mddq, naive (component-wise) or none"),
     direction_grid: str = typer.Option("cube", help="MDDQ direction codes: cube (max-scaled) or sphere (fixed 1/127)"),
+    direction_bits: int = typer.Option(8, help="MDDQ direction code bits: 8 (the paper's int8) .. 16 (int16; the "
+                                       "kernels decode directions to float, so no slower)"),
     direction_ste: str = typer.Option("grid", help="MDDQ backward: grid (straight through the grid codes) or "
                                       "geometric (tangent plane at the true direction)"),
     silu_offset: bool = typer.Option(False, help="LSQ+: SiLU outputs as unsigned codes with a learned offset "
@@ -138,7 +140,8 @@ def quantize(
     if vector not in ("mddq", "naive", "none") or direction_grid not in ("cube", "sphere") or w_bits not in (None, 4, 8):
         raise QSO3Error("--vector must be mddq|naive|none, --direction-grid cube|sphere, --w-bits 4|8")
     bits, weight_only = parse_precision(precision, w_bits)
-    qcfg = QuantConfig(w_bits=bits, vector=vector, direction_grid=direction_grid, attention=attention_quant,
+    qcfg = QuantConfig(w_bits=bits, vector=vector, direction_grid=direction_grid, direction_bits=direction_bits,
+                       attention=attention_quant,
                        direction_ste=direction_ste, silu_offset=silu_offset, lr_steps_factor=lr_steps_factor,
                        calibration=calibration,
                        staged=staged, warmup_epochs=warmup_epochs, branch_separate=branch_separate,
@@ -158,11 +161,29 @@ def float_head_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="new checkpoint (.pt)"),
 ):
     """The same quantized model with its energy head's activations in float (int8 weights kept), no retraining."""
-    from .nn.checkpoint import load_model, load_payload, save_model
     from .nn.quant import with_float_head
 
-    converted = with_float_head(load_model(model))
-    save_model(out, converted, **load_payload(model).get("meta", {}), float_head_from=str(model))
+    _write_converted(model, out, with_float_head, float_head_from=str(model))
+
+
+@app.command("direction-bits")
+@user_errors
+def direction_bits_cmd(
+    model: str = typer.Argument(..., help="MDDQ checkpoint path or bundled model name (e.g. ethanol-int8)"),
+    bits: int = typer.Argument(..., help="direction code bits, 8 .. 16"),
+    out: Path = typer.Option(..., "-o", "--out", help="new checkpoint (.pt)"),
+):
+    """The same MDDQ model with BITS-bit direction codes (everything else kept), no retraining."""
+    from .nn.quant import with_direction_bits
+
+    _write_converted(model, out, lambda m: with_direction_bits(m, bits), direction_bits_from=str(model))
+
+
+def _write_converted(model: str, out: Path, convert, **meta) -> None:
+    from .nn.checkpoint import load_model, load_payload, save_model
+
+    converted = convert(load_model(model))
+    save_model(out, converted, **{**load_payload(model).get("meta", {}), **meta})
     typer.echo(f"wrote {out} ({converted.quant_cfg.precision()})")
 
 

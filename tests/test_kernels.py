@@ -233,14 +233,15 @@ def test_scatter_rows_kernel_matches_numpy(accumulate, dtype):
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6)
 
 
-@pytest.mark.parametrize("grid,ste", [("cube", "grid"), ("sphere", "grid"), ("cube", "geometric"), ("sphere", "geometric")])
-def test_mddq_operator_equals_qat_module_and_its_ste_gradient(grid, ste):
+@pytest.mark.parametrize("grid,ste,bits", [("cube", "grid", 8), ("sphere", "grid", 8), ("cube", "geometric", 8),
+                                           ("sphere", "geometric", 8), ("cube", "grid", 16)])
+def test_mddq_operator_equals_qat_module_and_its_ste_gradient(grid, ste, bits):
     """The deployed custom operator's forward and backward vs autograd of quant.MDDQ (float64)."""
     from qso3_tvm.nn.ops.mddq import MDDQKernel
     from qso3_tvm.nn.quant import MDDQ
 
     torch.manual_seed(0)
-    q = MDDQ(16, 8, grid, ste).double()
+    q = MDDQ(16, 8, grid, ste, direction_bits=bits).double()
     v = torch.randn(9, 3, 16, dtype=torch.float64)
     v[0, :, 0] = 0.0  # zero vector: the ε guard
     v[1, :, 1] = torch.tensor([0.5, -0.5, 0.2], dtype=torch.float64)  # tied largest components
@@ -257,8 +258,8 @@ def test_mddq_operator_equals_qat_module_and_its_ste_gradient(grid, ste):
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("cube,geometric", [(True, False), (False, False), (True, True)])
-def test_mddq_tir_kernels_match_torch_reference(cube, geometric):
+@pytest.mark.parametrize("cube,geometric,levels", [(True, False, 127), (False, False, 127), (True, True, 127), (True, False, 32767)])
+def test_mddq_tir_kernels_match_torch_reference(cube, geometric, levels):
     from qso3_tvm.compiler.kernels import mddq
 
     target = resolve_target("x86-64").tvm_target()
@@ -266,14 +267,17 @@ def test_mddq_tir_kernels_match_torch_reference(cube, geometric):
     v[0, :, 0] = 0.0
     g = RNG.normal(size=v.shape).astype(np.float32)
     step = np.full(16, 0.02, np.float32)
-    fwd = tvm.compile(tvm.IRModule({"main": mddq.forward_func(16, 255, cube)}), target=target)
-    bwd = tvm.compile(tvm.IRModule({"main": mddq.backward_func(16, 255, cube, geometric)}), target=target)
+    fwd = tvm.compile(tvm.IRModule({"main": mddq.forward_func(16, 255, cube, levels=levels)}), target=target)
+    bwd = tvm.compile(tvm.IRModule({"main": mddq.backward_func(16, 255, cube, geometric, levels)}), target=target)
     out, dv = (tvm.runtime.tensor(np.zeros_like(v)) for _ in range(2))
     fwd(tvm.runtime.tensor(v), tvm.runtime.tensor(step), out)
     bwd(tvm.runtime.tensor(g), tvm.runtime.tensor(v), tvm.runtime.tensor(step), dv)
     tv, tg, ts = (torch.from_numpy(a) for a in (v, g, step))
-    np.testing.assert_allclose(out.numpy(), torch.ops.qso3.mddq(tv, ts, 255, cube, geometric).numpy(), rtol=0, atol=1e-6)
-    ref = torch.ops.qso3.mddq_backward(tg, tv, ts, 255, cube, geometric).numpy()
+    ref_out = torch.ops.qso3.mddq(tv, ts, 255, cube, geometric, levels).numpy()
+    np.testing.assert_allclose(out.numpy(), ref_out, rtol=0, atol=1e-6)
+    if levels != 127:  # the wider grid gives other outputs: the kernel follows its levels
+        assert np.abs(ref_out - torch.ops.qso3.mddq(tv, ts, 255, cube, geometric).numpy()).max() > 1e-5
+    ref = torch.ops.qso3.mddq_backward(tg, tv, ts, 255, cube, geometric, levels).numpy()
     np.testing.assert_allclose(dv.numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -284,21 +288,22 @@ def _attention_case(dtype=np.float32, n=9, e=40, heads=4, dim=16):
     return q, k, src, dst, rng.uniform(size=e).astype(dtype), np.array([4.0, 3.0, 5.0, 2.0], dtype)[:heads]
 
 
-def test_attention_operator_equals_model_attention_and_its_ste_gradient():
+@pytest.mark.parametrize("levels", [127, 32767])
+def test_attention_operator_equals_model_attention_and_its_ste_gradient(levels):
     """qso3.l2_attention (forward, backward) vs autograd through the QAT model's own attention."""
     from qso3_tvm.nn.model import InteractionLayer, ModelConfig
     from qso3_tvm.nn.ops.attention import L2AttentionKernel
     from qso3_tvm.nn.quant import FixedGrid
 
     layer = InteractionLayer(ModelConfig(channels=16, heads=2)).double()
-    layer.hooks.query, layer.hooks.key = FixedGrid(), FixedGrid()
+    layer.hooks.query, layer.hooks.key = FixedGrid(levels), FixedGrid(levels)
     rng = np.random.default_rng(2)
     s = torch.tensor(rng.normal(size=(9, 16)), requires_grad=True)
     fc = torch.tensor(rng.uniform(size=40), requires_grad=True)
     src, dst = (torch.tensor(rng.integers(0, 9, 40)) for _ in range(2))
     g = torch.tensor(rng.normal(size=(40, 2)))
     results = []
-    for fused in (None, L2AttentionKernel()):
+    for fused in (None, L2AttentionKernel(levels)):
         layer.fused_attention = fused
         alpha = layer.attention_weights(layer.q(s), layer.k(s), src, dst, fc, 9)
         results.append((alpha.detach(), *torch.autograd.grad((alpha * g).sum(), (s, fc))))
@@ -306,24 +311,27 @@ def test_attention_operator_equals_model_attention_and_its_ste_gradient():
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("n,e", [(9, 40), (50, 2100)])  # one thread; heads on the thread pool
-def test_attention_tir_kernels_match_torch_reference(n, e):
+@pytest.mark.parametrize("n,e,levels", [(9, 40, 127), (50, 2100, 127), (9, 40, 32767)])  # one thread; heads on the thread pool
+def test_attention_tir_kernels_match_torch_reference(n, e, levels):
+    """(32767 levels: int16 codes, products still exact in int32; torch's float32 products round, hence rtol)"""
     from qso3_tvm.compiler.kernels.attention import backward_func, forward_func
 
     target = resolve_target("x86-64").tvm_target()
     inputs = _attention_case(n=n, e=e)
     inputs[4][::7] = 0.0  # edges at the cutoff: no weight, and a gradient of fc all the same
-    lib = tvm.compile(tvm.IRModule({"main": forward_func(4, 16)}), target=target)
+    lib = tvm.compile(tvm.IRModule({"main": forward_func(4, 16, levels)}), target=target)
     out = tvm.runtime.tensor(np.zeros((e, 4), np.float32))
     lib(*(tvm.runtime.tensor(x) for x in inputs), out)
-    ref = torch.ops.qso3.l2_attention(*(torch.from_numpy(x) for x in inputs)).numpy()
+    ref = torch.ops.qso3.l2_attention(*(torch.from_numpy(x) for x in inputs), levels).numpy()
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-6)
+    if levels != 127:  # the finer grid moves the weights: the kernel follows its levels
+        assert np.abs(ref - torch.ops.qso3.l2_attention(*(torch.from_numpy(x) for x in inputs)).numpy()).max() > 1e-5
 
     g_alpha = np.random.default_rng(6).normal(size=(e, 4)).astype(np.float32)
     args = [g_alpha, *inputs, ref]
-    refs = [r.numpy() for r in torch.ops.qso3.l2_attention_backward(*(torch.from_numpy(x) for x in args))]
+    refs = [r.numpy() for r in torch.ops.qso3.l2_attention_backward(*(torch.from_numpy(x) for x in args), levels)]
     assert np.abs(refs[2][::7]).max() > 0
-    lib = tvm.compile(tvm.IRModule({"main": backward_func(4, 16)}), target=target)
+    lib = tvm.compile(tvm.IRModule({"main": backward_func(4, 16, levels)}), target=target)
     outs = [tvm.runtime.tensor(np.full(r.shape, np.nan, np.float32)) for r in refs]
     lib(*(tvm.runtime.tensor(x) for x in args), *outs)
     for got, want in zip(outs, refs):

@@ -16,7 +16,17 @@ from qso3_tvm.graph.molecules import MoleculeSet, random_molecule
 from qso3_tvm.nn.checkpoint import load_model, precision, save_model
 from qso3_tvm.nn.int8 import Int8Linear, Int8WeightLinear, to_int8
 from qso3_tvm.nn.metrics import predict
-from qso3_tvm.nn.quant import LSQ, MDDQ, FixedGrid, QuantConfig, parse_precision, quantize_model, quantizers, with_float_head
+from qso3_tvm.nn.quant import (
+    LSQ,
+    MDDQ,
+    FixedGrid,
+    QuantConfig,
+    parse_precision,
+    quantize_model,
+    quantizers,
+    with_direction_bits,
+    with_float_head,
+)
 from qso3_tvm.nn.testing import ENERGY_SHIFT_EV, EQUIVARIANCE_TOL, equivariance_errors, model_energy_forces, tiny_model
 from qso3_tvm.runtime.calculator import QSO3Calculator
 
@@ -130,7 +140,13 @@ def test_cli_quantize_w8_post_training_and_float_head(tmp_path, ethanol_train):
     r = runner.invoke(app, ["float-head", str(tmp_path / "q" / "best.pt"), "-o", str(tmp_path / "fh.pt")])
     assert r.exit_code == 0 and "w8a8-mddq-float-head" in r.stdout, r.output
     assert load_model(tmp_path / "fh.pt").quant_cfg.float_head
+    r = runner.invoke(app, ["direction-bits", str(tmp_path / "fh.pt"), "16", "-o", str(tmp_path / "d16.pt")])
+    assert r.exit_code == 0 and "w8a8-mddq-dir16-float-head" in r.stdout, r.output
+    r = runner.invoke(app, ["quantize", str(tmp_path / "fp32.pt"), "-o", str(tmp_path / "q16"), "--direction-bits", "12", *common])
+    assert r.exit_code == 0 and precision(load_model(tmp_path / "q16" / "best.pt")) == "w8a8-mddq-dir12", r.output
     for args, message in ((["float-head", str(tmp_path / "fp32.pt"), "-o", str(tmp_path / "x.pt")], "quantized activations"),
+                          (["direction-bits", str(tmp_path / "fh.pt"), "20", "-o", str(tmp_path / "x.pt")], "direction_bits 20"),
+                          (["direction-bits", str(tmp_path / "fp32.pt"), "16", "-o", str(tmp_path / "x.pt")], "MDDQ vectors"),
                           (["quantize", str(tmp_path / "fp32.pt"), "-o", str(tmp_path / "x"), "--precision", "w16"],
                            "--precision must be one of"),
                           (["train", "--data", str(ethanol_train), "-o", str(tmp_path / "t"), "--epochs", "0"], "quantize only")):
@@ -194,6 +210,32 @@ def test_float_head_compiles_and_follows_float_head_semantics(tmp_path):
     gap = np.abs(e_head - e_int8).max()
     assert gap > 1e-4 and np.abs(e_tvm - e_head).max() < 0.1 * gap
     assert np.abs(f_tvm - f_head).max() < 1e-3 * max(1.0, np.abs(f_head).max())
+
+
+def test_wide_direction_codes_compile_and_follow_their_semantics(tmp_path):
+    """16-bit MDDQ directions (with_direction_bits) through compile: the manifest names them, the MDDQ kernels are
+    built for their levels (their numerics: tests/test_kernels.py), the artifact matches the eager model, and the
+    forces are closer to equivariant than with int8 codes."""
+    from qso3_tvm.compiler.export import export_energy_forces
+    from qso3_tvm.compiler.module import deployable
+    from qso3_tvm.compiler.relax_import import import_to_relax
+    from qso3_tvm.runtime.compiled import CompiledModel
+
+    w8a8 = calibrated(QuantConfig(), torch.float32)  # two layers: the first one's MDDQ output feeds the second
+    wide = with_direction_bits(w8a8, 16)
+    save_model(tmp_path / "d16.pt", wide)
+    info = compile_model(str(tmp_path / "d16.pt"), "x86-64", tmp_path / "art", specialize=[], log=lambda *_: None)
+    assert info["model"]["precision"] == "w8a8-mddq-dir16"
+    names = {gv.name_hint for gv in import_to_relax(export_energy_forces(deployable(wide))).functions}
+    assert {"qso3_mddq_16_255_1_dir32767", "qso3_mddq_backward_16_255_1_dir32767", "qso3_l2_attention_2x8_dir32767",
+            "qso3_l2_attention_backward_2x8_dir32767"} <= names
+    mols = MoleculeSet.from_molecules([random_molecule(9, seed=s) for s in range(4)])
+    e_tvm, f_tvm = CompiledModel(tmp_path / "art").predict(mols)
+    e_wide, f_wide = predict(load_model(tmp_path / "d16.pt"), mols)
+    assert np.abs(f_tvm - f_wide).max() < 1e-3 * max(1.0, np.abs(f_wide).max())
+    assert np.abs(e_tvm - e_wide).max() < 1e-3
+    z, pos = random_molecule(9, seed=2)  # and the point of wider codes: forces closer to equivariant
+    assert 5 * equivariance_errors(wide, z, pos)[1] < equivariance_errors(w8a8, z, pos)[1]
 
 
 def test_silu_folds_into_the_next_int8_linear():

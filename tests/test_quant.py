@@ -6,6 +6,7 @@ import pytest
 import torch
 from e3nn import o3
 
+from qso3_tvm.errors import QSO3Error
 from qso3_tvm.graph.molecules import random_molecule
 from qso3_tvm.nn.quant import (
     DIRECTION_LEVELS,
@@ -20,6 +21,7 @@ from qso3_tvm.nn.quant import (
     quantizers,
     set_stage,
     weight_bytes,
+    with_direction_bits,
 )
 from qso3_tvm.nn.testing import EQUIVARIANCE_TOL, equivariance_errors, model_energy_forces, tiny_model
 
@@ -79,6 +81,30 @@ def test_mddq_angle_within_derived_bound(grid):
     assert worst <= MDDQ_MAX_ANGLE_DEG[grid] + 1e-9
     assert worst > 0.5 * MDDQ_MAX_ANGLE_DEG[grid]  # the bound is tight, the test can fail
     assert MDDQ_MAX_ANGLE_DEG["sphere"] == pytest.approx(math.degrees(math.asin(math.sqrt(3) / 254)))
+
+
+def test_direction_bits_refine_the_angle_and_convert_a_model():
+    """16-bit direction codes: angle error within the int8 bound × 127/32767; with_direction_bits converts a trained
+    model's MDDQ directions and attention q̂, k̂ without retraining; bad bit counts or models are refused."""
+    v = random_vectors(seed=1)
+    q8 = calibrated_mddq(v, "cube")
+    q16 = MDDQ(v.shape[-1], grid="cube", direction_bits=16).to(v.dtype)
+    q16.magnitude = q8.magnitude  # same magnitude codes: only the direction grid differs
+    kept = q8(v).norm(dim=1) > 0
+    worst8, worst16 = (angle_deg(v, q(v))[kept].max().item() for q in (q8, q16))
+    assert worst16 <= MDDQ_MAX_ANGLE_DEG["cube"] * 127 / 32767 + 1e-9 and worst8 > 100 * worst16
+    model = quantize_model(tiny_model(torch.float64, seed=4), QuantConfig())
+    wide = with_direction_bits(model, 16)
+    assert wide.quant_cfg.direction_bits == 16 and wide.quant_cfg.precision() == "w8a8-mddq-dir16"
+    grids = lambda m: [x.levels for x in m.modules() if isinstance(x, (MDDQ, FixedGrid))]  # noqa: E731
+    assert model.quant_cfg.direction_bits == 8 and set(grids(model)) == {127} and len(grids(model)) == 3 * 2
+    assert set(grids(wide)) == {32767} and QuantConfig(direction_bits=16).precision() == "w8a8-mddq-dir16"
+    fresh = quantize_model(tiny_model(torch.float64, seed=4), QuantConfig(direction_bits=16))
+    assert set(grids(fresh)) == {32767}
+    with pytest.raises(QSO3Error, match="direction_bits 17"):
+        with_direction_bits(model, 17)
+    with pytest.raises(QSO3Error, match="MDDQ"):
+        with_direction_bits(tiny_model(torch.float64, seed=4), 16)
 
 
 @pytest.mark.parametrize("grid", ["sphere", "cube"])

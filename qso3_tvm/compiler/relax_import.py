@@ -181,15 +181,30 @@ def _exported_constants(ep: torch.export.ExportedProgram) -> dict:
             if spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR) and spec.target in tensors}
 
 
+def _levels(node, i: int) -> int:
+    """The unit-vector code levels argument of qso3.mddq / qso3.l2_attention (and backward): 127 when not given."""
+    from ..nn.quant import DIRECTION_LEVELS
+
+    return int(_arg(node, i, "levels", DIRECTION_LEVELS))
+
+
+def _levels_suffix(levels: int) -> str:
+    from ..nn.quant import DIRECTION_LEVELS
+
+    return f"_dir{levels}" if levels != DIRECTION_LEVELS else ""
+
+
 def _mddq_call(node, imp, make_func, n_tensors: int):
     """qso3.mddq / qso3.mddq_backward -> call_tir of the TIR kernel (compiler.kernels.mddq)."""
     bb = imp.block_builder
     tensors = [imp.env[a] for a in node.args[:n_tensors]]
     qmax, cube, geometric = node.args[n_tensors:n_tensors + 3]
+    levels = _levels(node, n_tensors + 3)
     v = tensors[-2]
     channels = int(v.ty.shape[-1])
-    func = make_func(channels, int(qmax), bool(cube), bool(geometric))
-    suffix = f"_{channels}_{qmax}_{int(cube)}" + ("_geometric" if geometric and n_tensors == 3 else "")
+    func = make_func(channels, int(qmax), bool(cube), bool(geometric), levels)
+    suffix = (f"_{channels}_{qmax}_{int(cube)}" + ("_geometric" if geometric and n_tensors == 3 else "")
+              + _levels_suffix(levels))
     return _call_kernel(bb, func, tensors, relax.TensorType(v.ty.shape, v.ty.dtype), func.attrs["global_symbol"] + suffix)
 
 
@@ -210,20 +225,22 @@ def _l2_attention(node, imp):
     from .kernels.attention import forward_func
 
     bb = imp.block_builder
-    q, k, src, dst, fc, tau = (imp.env[a] for a in node.args)
-    heads, dim = int(q.ty.shape[1]), int(q.ty.shape[2])
-    return _call_kernel(bb, forward_func(heads, dim), [q, k, src, dst, fc, tau],
-                        relax.TensorType([src.ty.shape[0], heads], "float32"), f"qso3_l2_attention_{heads}x{dim}")
+    q, k, src, dst, fc, tau = (imp.env[a] for a in node.args[:6])
+    heads, dim, levels = int(q.ty.shape[1]), int(q.ty.shape[2]), _levels(node, 6)
+    return _call_kernel(bb, forward_func(heads, dim, levels), [q, k, src, dst, fc, tau],
+                        relax.TensorType([src.ty.shape[0], heads], "float32"),
+                        f"qso3_l2_attention_{heads}x{dim}" + _levels_suffix(levels))
 
 
 def _l2_attention_backward(node, imp):
     """qso3.l2_attention_backward -> call_tir of its kernel; the gradients have the shapes of q, k, fc."""
     from .kernels.attention import backward_func
 
-    g_alpha, q, k, src, dst, fc, tau, alpha = args = [imp.env[a] for a in node.args]
-    heads, dim = int(q.ty.shape[1]), int(q.ty.shape[2])
+    g_alpha, q, k, src, dst, fc, tau, alpha = args = [imp.env[a] for a in node.args[:8]]
+    heads, dim, levels = int(q.ty.shape[1]), int(q.ty.shape[2]), _levels(node, 8)
     outs = [relax.TensorType(x.ty.shape, "float32") for x in (q, k, fc)]
-    return _call_kernel(imp.block_builder, backward_func(heads, dim), args, outs, f"qso3_l2_attention_backward_{heads}x{dim}")
+    return _call_kernel(imp.block_builder, backward_func(heads, dim, levels), args, outs,
+                        f"qso3_l2_attention_backward_{heads}x{dim}" + _levels_suffix(levels))
 
 
 def _messages(node, imp):

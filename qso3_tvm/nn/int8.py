@@ -185,7 +185,7 @@ def to_int8(model: nn.Module, custom_ops: bool = True, backward: str = "int8") -
         fuse_operators(out)
     for layer in out.modules() if custom_ops else ():
         if isinstance(layer, InteractionLayer) and layer.attention == "l2norm" and _fixed_grid(layer.hooks):
-            layer.fused_attention = L2AttentionKernel()
+            layer.fused_attention = L2AttentionKernel(layer.hooks.query.levels)
     for module in list(out.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, QuantLinear):

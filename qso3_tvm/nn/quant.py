@@ -6,8 +6,10 @@ Integer semantics (what the compiled int8 code reproduces; rounding is floor(x +
   MDDQ     r = sqrt(|v|² + ε²), u = v / r                                   ε = 1e-6 (zero-vector guard)
            r_q = LSQ_unsigned8(r)  (per channel step)      d = floor(127 u / m + 0.5)  (int8 per component)
            m = max_x |u_x| ("cube" grid, default) or m = 1 (the paper's fixed "sphere" grid)
+           (direction_bits > 8: 2^(bits-1) - 1 levels instead of 127; the codes no longer fit int8)
            ṽ = r_q · d / sqrt(|d|² + ε²)                   renormalized: the orientation survives
   attention q̂, k̂ (unit vectors per head) -> floor(127 q̂ + 0.5); logit = τ · (q_int · k_int) / 127²
+           (direction_bits > 8: the same with 2^(bits-1) - 1; |q_int · k_int| <= (levels + 2)² still fits int32)
 
 Why MDDQ keeps symmetry: |v| is rotation invariant, so its quantization commutes with rotations
 exactly; only the direction sees the Cartesian grid, with angular error at most
@@ -30,6 +32,8 @@ Which tensors are quantized (QuantConfig defaults):
 Precisions (`PRECISIONS`, QuantConfig.precision()):
   w8a8   the above (the paper's; fastest). `float_head=True` leaves the energy head's input and hidden
          activations in float (its weights stay int8): most of w8a8's energy error is rounding there.
+  w8a8-mddq-dir16 (`direction_bits=16`): w8a8 with the unit-vector codes (MDDQ directions, q̂, k̂) at 16 bits: they
+         set the LEE (reports/quantization.md), and the kernels decode them to float or sum them in int32, so no slower.
   w8     weights only (`weight_only=True`): int8 weights, every activation in float (no LSQ activation
          quantizers, no MDDQ, no fixed-grid attention). The energy is a smooth function of the
          positions, the forces are its exact gradient and the features stay exactly equivariant.
@@ -156,23 +160,29 @@ class LSQ(nn.Module):
 
 
 class FixedGrid(nn.Module):
-    """int8 on the fixed grid step 1/127, for components known to lie in [-1, 1] (unit vectors)."""
+    """int8 on the fixed grid step 1/127 (`levels`; 32767 for int16), for components known to lie in [-1, 1]
+    (unit vectors)."""
 
-    def __init__(self):
+    def __init__(self, levels: int = DIRECTION_LEVELS):
         super().__init__()
-        self.enabled = True
+        self.enabled, self.levels = True, levels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return round_ste(x.clamp(-1.0, 1.0) * DIRECTION_LEVELS) / DIRECTION_LEVELS
+        return round_ste(x.clamp(-1.0, 1.0) * self.levels) / self.levels
 
 
-def direction_codes(u: torch.Tensor, grid: str) -> torch.Tensor:
-    """int8 direction codes of unit vectors u (..., 3, F) along dim -2, straight-through."""
-    if grid == "cube":  # scale the largest component to ±127: same int8 codes, finer angles
+def direction_levels(bits: int) -> int:
+    """The largest direction code of `bits`-bit MDDQ directions: 127 for int8, 32767 for int16."""
+    return 2 ** (bits - 1) - 1
+
+
+def direction_codes(u: torch.Tensor, grid: str, levels: int = DIRECTION_LEVELS) -> torch.Tensor:
+    """Direction codes (int8: |d| <= 127) of unit vectors u (..., 3, F) along dim -2, straight-through."""
+    if grid == "cube":  # scale the largest component to ±levels: same codes, finer angles
         u = u / u.abs().amax(-2, keepdim=True).clamp(min=MDDQ_EPS)
-    return round_ste(u * DIRECTION_LEVELS)
+    return round_ste(u * levels)
 
 
 class MDDQ(nn.Module):
@@ -185,12 +195,13 @@ class MDDQ(nn.Module):
     ste "geometric": the backward treats the decoded direction as u = v/|v| (the gradient is projected on
     the sphere's tangent plane at u, the same in every frame); "grid": straight through the rounding of the
     grid codes (the backward sees the grid's axes and, for "cube", which component is the largest).
+    direction_bits: 8 (the paper's int8 codes) or more (16: int16 codes, angle error 127/32767 of int8's).
     """
 
-    def __init__(self, channels: int, bits: int = 8, grid: str = "cube", ste: str = "grid"):
+    def __init__(self, channels: int, bits: int = 8, grid: str = "cube", ste: str = "grid", direction_bits: int = 8):
         super().__init__()
         self.magnitude = LSQ(bits, signed=False, channels=channels)  # always "lsq": MSE would clip the few long vectors
-        self.grid, self.ste = grid, ste
+        self.grid, self.ste, self.levels = grid, ste, direction_levels(direction_bits)
         self.enabled = True
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
@@ -198,7 +209,7 @@ class MDDQ(nn.Module):
             return v
         r = torch.sqrt((v * v).sum(1) + MDDQ_EPS**2)  # (N, F)
         u = v / r[:, None, :]
-        d = direction_codes(u, self.grid)  # int8 codes, |d_x| <= 127
+        d = direction_codes(u, self.grid, self.levels)  # |d_x| <= levels (127: int8)
         unit = d * torch.rsqrt((d * d).sum(1, keepdim=True) + MDDQ_EPS**2)
         if self.ste == "geometric":  # backward as if the direction were u: its gradient lies in u's tangent plane
             unit = u + (unit - u).detach()
@@ -236,6 +247,7 @@ class QuantConfig:
     a_bits: int = 8
     vector: str = "mddq"  # "mddq" | "naive" | "none"
     direction_grid: str = "cube"  # MDDQ direction codes: "cube" (max-scaled) or "sphere" (fixed 1/127 grid)
+    direction_bits: int = 8  # unit-vector codes (MDDQ directions, attention q̂ and k̂): 8 (the paper's int8) .. 16
     direction_ste: str = "grid"  # MDDQ backward: "grid" (straight through the codes) or "geometric" (tangent plane)
     silu_offset: bool = False  # LSQ+: unsigned codes with a learned offset for SiLU outputs (False: signed, symmetric)
     attention: bool = True  # fixed-grid int8 q̂, k̂ (l2norm models); per-tensor LSQ on q, k (dot models)
@@ -255,6 +267,7 @@ class QuantConfig:
         bad = [f"{k} {getattr(self, k)!r}" for k, ok in (
             ("w_bits", self.w_bits in (4, 8)), ("a_bits", self.a_bits == 8),
             ("vector", self.vector in ("mddq", "naive", "none")), ("direction_grid", self.direction_grid in ("cube", "sphere")),
+            ("direction_bits", isinstance(self.direction_bits, int) and 8 <= self.direction_bits <= 16),
             ("direction_ste", self.direction_ste in ("geometric", "grid")),
             ("warmup_epochs", isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0),
             ("lr_scalar", self.lr_scalar > 0), ("lr_vector", self.lr_vector > 0), ("lr_steps_factor", self.lr_steps_factor > 0),
@@ -271,7 +284,8 @@ class QuantConfig:
         'w8a8-mddq-float-head'."""
         if self.weight_only:
             return f"w{self.w_bits}"
-        return f"w{self.w_bits}a{self.a_bits}-{self.vector}" + ("-float-head" if self.float_head else "")
+        dirs = f"-dir{self.direction_bits}" if self.vector == "mddq" and self.direction_bits != 8 else ""
+        return f"w{self.w_bits}a{self.a_bits}-{self.vector}{dirs}" + ("-float-head" if self.float_head else "")
 
 
 PRECISIONS = {"w8a8": (8, False), "w8": (8, True), "w4a8": (4, False), "w4": (4, True)}  # name: (w_bits, weight_only)
@@ -313,12 +327,13 @@ def _quantize_layer(layer: InteractionLayer, cfg: QuantConfig) -> None:
     for name in VECTOR_LINEARS:  # inputs are MDDQ-decoded vectors (see module docstring)
         setattr(layer, name, QuantLinear(getattr(layer, name), cfg.w_bits, None))
     if cfg.vector == "mddq":
-        layer.hooks.vector = MDDQ(F_, cfg.a_bits, cfg.direction_grid, cfg.direction_ste)
+        layer.hooks.vector = MDDQ(F_, cfg.a_bits, cfg.direction_grid, cfg.direction_ste, cfg.direction_bits)
     elif cfg.vector == "naive":
         layer.hooks.vector = NaiveVector(cfg.a_bits)
     if cfg.attention:
         if layer.attention == "l2norm":
-            layer.hooks.query, layer.hooks.key = FixedGrid(), FixedGrid()
+            levels = direction_levels(cfg.direction_bits)
+            layer.hooks.query, layer.hooks.key = FixedGrid(levels), FixedGrid(levels)
         else:  # unbounded q, k: per-tensor learned step
             layer.hooks.query, layer.hooks.key = _act(cfg), _act(cfg)
 
@@ -346,6 +361,23 @@ def with_float_head(model: So3krates) -> So3krates:
     for linear in (out.head[0], out.head[2]):
         linear.act = nn.Identity()
     out.quant_cfg = QuantConfig(**{**cfg.to_dict(), "float_head": True})
+    return out
+
+
+def with_direction_bits(model: So3krates, bits: int) -> So3krates:
+    """A copy of an MDDQ model whose unit-vector codes (MDDQ directions, attention q̂ and k̂) have `bits` bits
+    (everything else unchanged): no retraining needed. The deployed kernels decode MDDQ directions to float
+    before any product, and q̂ · k̂ of 16-bit codes still fits int32, so wider codes cost no measurable speed
+    (reports/quantization.md, "What sets the LEE")."""
+    cfg = getattr(model, "quant_cfg", None)
+    if cfg is None or cfg.vector != "mddq":
+        raise QSO3Error("direction bits need a model with MDDQ vectors, not " + ("fp32" if cfg is None else cfg.precision()))
+    new_cfg = QuantConfig(**{**cfg.to_dict(), "direction_bits": bits})  # checks the range
+    out = copy.deepcopy(model)
+    for m in out.modules():
+        if isinstance(m, (MDDQ, FixedGrid)):
+            m.levels = direction_levels(bits)
+    out.quant_cfg = new_cfg
     return out
 
 

@@ -1,5 +1,5 @@
 """Robust (L2-normalized) attention as one TIR kernel forward and one backward (N, E symbolic; H, d
-static): per-atom int8 codes of q̂ and k̂, int8 dot products with int32 accumulation, temperature, and
+static): per-atom int8 codes of q̂ and k̂ (int16 for more than 127 levels), dot products with int32 accumulation, temperature, and
 the cutoff-weighted segment softmax with its sink; the backward recomputes the softmax and gives the
 straight-through gradients of q, k and the cutoff weights. They implement the torch operators of
 nn.ops.attention (the numerics are defined there) and replace them at import
@@ -15,11 +15,16 @@ from .schedule import PARALLEL_MIN_EDGES
 LINE = 16  # 4-byte words per 64-byte cache line: a head's scalars get a line of their own
 
 
-def _macros(heads: int, dim: int):
+def code_dtype(levels: int) -> str:
+    """int8 codes for the paper's 127 levels, int16 up to 32767 (|q_int · k_int| <= (levels + 2)² fits int32)."""
+    return "int8" if levels <= 127 else "int16"
+
+
+def _macros(heads: int, dim: int, levels: int):
     """TIR pieces shared by the forward and backward kernels."""
     from tvm.script import tirx as T
 
-    L = float(DIRECTION_LEVELS)
+    L, cd = float(levels), code_dtype(levels)
 
     @T.macro
     def codes(n, q, k, cq, ck, rq, rk):  # per-atom int8 codes of q̂ and k̂, and 1/|q|, 1/|k|
@@ -32,8 +37,8 @@ def _macros(heads: int, dim: int):
             rq[a, h] = T.rsqrt(rq[a, h] + T.float32(NORM_EPS))
             rk[a, h] = T.rsqrt(rk[a, h] + T.float32(NORM_EPS))
             for j in range(dim):
-                cq[a, h, j] = T.Cast("int8", T.floor(T.max(T.min(q[a, h, j] * rq[a, h], T.float32(1)), T.float32(-1)) * T.float32(L) + T.float32(0.5)))
-                ck[a, h, j] = T.Cast("int8", T.floor(T.max(T.min(k[a, h, j] * rk[a, h], T.float32(1)), T.float32(-1)) * T.float32(L) + T.float32(0.5)))
+                cq[a, h, j] = T.Cast(cd, T.floor(T.max(T.min(q[a, h, j] * rq[a, h], T.float32(1)), T.float32(-1)) * T.float32(L) + T.float32(0.5)))
+                ck[a, h, j] = T.Cast(cd, T.floor(T.max(T.min(k[a, h, j] * rk[a, h], T.float32(1)), T.float32(-1)) * T.float32(L) + T.float32(0.5)))
 
     @T.macro
     def head_softmax(h, n, e, cq, ck, src, dst, fc, tau, logit, den, mx, acc):
@@ -55,10 +60,11 @@ def _macros(heads: int, dim: int):
     return codes, head_softmax
 
 
-def forward_func(heads: int, dim: int):
+def forward_func(heads: int, dim: int, levels: int = DIRECTION_LEVELS):
     from tvm.script import tirx as T
 
-    codes, head_softmax = _macros(heads, dim)
+    codes, head_softmax = _macros(heads, dim, levels)
+    cd = code_dtype(levels)
 
     @T.prim_func(s_tir=True)
     def l2_attention_fwd(q_h: T.handle, k_h: T.handle, src_h: T.handle, dst_h: T.handle, fc_h: T.handle,
@@ -71,8 +77,8 @@ def forward_func(heads: int, dim: int):
         dst = T.match_buffer(dst_h, (e,), "int64")
         fc = T.match_buffer(fc_h, (e,), "float32")
         alpha = T.match_buffer(out_h, (e, heads), "float32")
-        cq = T.alloc_buffer((n, heads, dim), "int8")
-        ck = T.alloc_buffer((n, heads, dim), "int8")
+        cq = T.alloc_buffer((n, heads, dim), cd)
+        ck = T.alloc_buffer((n, heads, dim), cd)
         rq = T.alloc_buffer((n, heads), "float32")
         rk = T.alloc_buffer((n, heads), "float32")
         logit = T.alloc_buffer((heads, e), "float32")
@@ -95,15 +101,15 @@ def forward_func(heads: int, dim: int):
                                         "op_pattern": 8})
 
 
-def backward_func(heads: int, dim: int):
+def backward_func(heads: int, dim: int, levels: int = DIRECTION_LEVELS):
     """The straight-through vector-Jacobian product of nn.ops.attention.l2_attention_backward: gradients
     of q, k (N, H, d) and fc (E,) from that of α, recomputing the softmax; per head, the neighbor sums
     S_a = Σ_{e -> a} g_α α, then per edge g_t = fc exp(t - m) (g_α - S_dst) / den_dst, the codes' STE
     sums into q̂ (over edges into the atom) and k̂ (out of it), and the normalization's VJP per atom."""
     from tvm.script import tirx as T
 
-    L = float(DIRECTION_LEVELS)
-    codes, head_softmax = _macros(heads, dim)
+    L, cd = float(levels), code_dtype(levels)
+    codes, head_softmax = _macros(heads, dim, levels)
 
     @T.macro
     def head_backward(h, n, e, g_alpha, q, k, cq, ck, rq, rk, src, dst, fc, tau, alpha, logit, den, mx, acc, ssum, g_fc_t,
@@ -147,8 +153,8 @@ def backward_func(heads: int, dim: int):
         g_q = T.match_buffer(gq_h, (n, heads, dim), "float32")
         g_k = T.match_buffer(gk_h, (n, heads, dim), "float32")
         g_fc = T.match_buffer(gfc_h, (e,), "float32")
-        cq = T.alloc_buffer((n, heads, dim), "int8")
-        ck = T.alloc_buffer((n, heads, dim), "int8")
+        cq = T.alloc_buffer((n, heads, dim), cd)
+        ck = T.alloc_buffer((n, heads, dim), cd)
         rq = T.alloc_buffer((n, heads), "float32")
         rk = T.alloc_buffer((n, heads), "float32")
         logit = T.alloc_buffer((heads, e), "float32")

@@ -10,7 +10,7 @@ from ...nn.quant import DIRECTION_LEVELS, MDDQ_EPS
 
 # ---- TIR kernels (N symbolic, F static) -------------------------------------------------------------
 
-def _te_parts(tir, V, step, i, f, qmax: int, cube: bool):
+def _te_parts(tir, V, step, i, f, qmax: int, cube: bool, levels: int):
     f32 = lambda x: tir.const(x, "float32")  # noqa: E731
     v = [V[i, c, f] for c in range(3)]
     r = tir.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + f32(EPS2))
@@ -18,7 +18,7 @@ def _te_parts(tir, V, step, i, f, qmax: int, cube: bool):
     a = [tir.abs(c) for c in u]
     amax = tir.max(tir.max(a[0], a[1]), a[2])
     m = tir.max(amax, f32(MDDQ_EPS)) if cube else f32(1.0)
-    d = [tir.floor(c / m * f32(DIRECTION_LEVELS) + f32(0.5)) for c in u]
+    d = [tir.floor(c / m * f32(levels) + f32(0.5)) for c in u]
     nd = tir.rsqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2] + f32(EPS2))
     rq = tir.min(tir.max(tir.floor(r / step[f] + f32(0.5)), f32(0.0)), f32(qmax)) * step[f]
     return dict(v=v, r=r, u=u, a=a, amax=amax, m=m, d=d, nd=nd, rq=rq)
@@ -34,10 +34,10 @@ def _cube_grad(tir, p, g_w):
     return [g_w[c] / m + sign[c] * is_max[c] * share for c in range(3)]
 
 
-def _grad_out(tir, G, V, step, i, f, qmax: int, cube: bool, geometric: bool) -> list:
+def _grad_out(tir, G, V, step, i, f, qmax: int, cube: bool, geometric: bool, levels: int) -> list:
     """The three components of dL/dv at atom i, channel f."""
     f32 = lambda x: tir.const(x, "float32")  # noqa: E731
-    p = _te_parts(tir, V, step, i, f, qmax, cube)
+    p = _te_parts(tir, V, step, i, f, qmax, cube, levels)
     d, nd, rq, r, v = p["d"], p["nd"], p["rq"], p["r"], p["v"]
     g = [G[i, k, f] for k in range(3)]
     g_rq = (g[0] * d[0] + g[1] * d[1] + g[2] * d[2]) * nd
@@ -45,7 +45,7 @@ def _grad_out(tir, G, V, step, i, f, qmax: int, cube: bool, geometric: bool) -> 
     if geometric:  # the direction's gradient taken at u
         g_u = [rq * g[k] for k in range(3)]
     else:
-        g_w = [f32(DIRECTION_LEVELS) * (nd * rq * g[k] - d[k] * nd * nd * nd * dg) for k in range(3)]
+        g_w = [f32(levels) * (nd * rq * g[k] - d[k] * nd * nd * nd * dg) for k in range(3)]
         g_u = _cube_grad(tir, p, g_w) if cube else g_w
     x = r / step[f]
     inside = tir.Select(tir.all(x >= f32(0.0), x <= f32(qmax)), f32(1.0), f32(0.0))
@@ -53,8 +53,8 @@ def _grad_out(tir, G, V, step, i, f, qmax: int, cube: bool, geometric: bool) -> 
     return [g_u[c] / r + g_r * v[c] / r for c in range(3)]
 
 
-def _forward_out(tir, V, step, i, f, qmax: int, cube: bool) -> list:
-    p = _te_parts(tir, V, step, i, f, qmax, cube)
+def _forward_out(tir, V, step, i, f, qmax: int, cube: bool, levels: int) -> list:
+    p = _te_parts(tir, V, step, i, f, qmax, cube, levels)
     return [p["rq"] * p["nd"] * p["d"][c] for c in range(3)]
 
 
@@ -90,9 +90,9 @@ def _atom_rows(F: int):
     return rows
 
 
-def forward_func(channels: int, qmax: int, cube: bool, geometric: bool = False):
+def forward_func(channels: int, qmax: int, cube: bool, geometric: bool = False, levels: int = DIRECTION_LEVELS):
     """out (N, 3, F) = MDDQ(v (N, 3, F); magnitude steps (F,)); `geometric` (the STE) changes only the backward.
-    Per atom and channel the three components are written in one pass."""
+    `levels`: the largest direction code. Per atom and channel the three components are written in one pass."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -103,12 +103,12 @@ def forward_func(channels: int, qmax: int, cube: bool, geometric: bool = False):
         n = T.int64()
         V = T.match_buffer(v_h, (n, 3, F), "float32")
         O = T.match_buffer(o_h, (n, 3, F), "float32")
-        rows(n, O, lambda r, f: _forward_out(tirx, V, step, r, f, qmax, cube))
+        rows(n, O, lambda r, f: _forward_out(tirx, V, step, r, f, qmax, cube, levels))
 
     return _row_kernel(mddq, "qso3_mddq")
 
 
-def backward_func(channels: int, qmax: int, cube: bool, geometric: bool):
+def backward_func(channels: int, qmax: int, cube: bool, geometric: bool, levels: int = DIRECTION_LEVELS):
     """dL/dv (N, 3, F) from dL/dout, v and the magnitude steps (straight-through, see module doc)."""
     from tvm import tirx
     from tvm.script import tirx as T
@@ -121,6 +121,6 @@ def backward_func(channels: int, qmax: int, cube: bool, geometric: bool):
         G = T.match_buffer(g_h, (n, 3, F), "float32")
         V = T.match_buffer(v_h, (n, 3, F), "float32")
         O = T.match_buffer(o_h, (n, 3, F), "float32")
-        rows(n, O, lambda r, f: _grad_out(tirx, G, V, step, r, f, qmax, cube, geometric))
+        rows(n, O, lambda r, f: _grad_out(tirx, G, V, step, r, f, qmax, cube, geometric, levels))
 
     return _row_kernel(mddq_bwd, "qso3_mddq_backward")
