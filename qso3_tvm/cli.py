@@ -100,8 +100,8 @@ def quantize(
     branch_separate: bool = typer.Option(True, help="--no-branch-separate: one learning rate for all"),
     vector: str = typer.Option("mddq", help="vector features: mddq, naive (component-wise) or none"),
     direction_grid: str = typer.Option("cube", help="MDDQ direction codes: cube (max-scaled) or sphere (fixed 1/127)"),
-    direction_bits: int = typer.Option(8, help="MDDQ direction code bits: 8 (the paper's int8) .. 16 (int16; the "
-                                       "kernels decode directions to float, so no slower)"),
+    direction_bits: int = typer.Option(8, help="unit-vector code bits (MDDQ directions, attention q̂ and k̂): 8 (the "
+                                       "paper's int8) .. 16 (lower LEE at the same speed; reports/quantization.md)"),
     direction_ste: str = typer.Option("grid", help="MDDQ backward: grid (straight through the grid codes) or "
                                       "geometric (tangent plane at the true direction)"),
     silu_offset: bool = typer.Option(False, help="LSQ+: SiLU outputs as unsigned codes with a learned offset "
@@ -170,10 +170,11 @@ def float_head_cmd(
 @user_errors
 def direction_bits_cmd(
     model: str = typer.Argument(..., help="MDDQ checkpoint path or bundled model name (e.g. ethanol-int8)"),
-    bits: int = typer.Argument(..., help="direction code bits, 8 .. 16"),
+    bits: int = typer.Argument(..., help="unit-vector code bits, 8 .. 16"),
     out: Path = typer.Option(..., "-o", "--out", help="new checkpoint (.pt)"),
 ):
-    """The same MDDQ model with BITS-bit direction codes (everything else kept), no retraining."""
+    """The same MDDQ model with BITS-bit unit-vector codes (MDDQ directions, attention q̂ and k̂; all else kept),
+    no retraining."""
     from .nn.quant import with_direction_bits
 
     _write_converted(model, out, lambda m: with_direction_bits(m, bits), direction_bits_from=str(model))
