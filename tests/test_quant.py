@@ -99,6 +99,7 @@ def test_direction_bits_refine_the_angle_and_convert_a_model():
     grids = lambda m: [x.levels for x in m.modules() if isinstance(x, (MDDQ, FixedGrid))]  # noqa: E731
     assert model.quant_cfg.direction_bits == 8 and set(grids(model)) == {127} and len(grids(model)) == 3 * 2
     assert set(grids(wide)) == {32767} and QuantConfig(direction_bits=16).precision() == "w8a8-mddq-dir16"
+    assert QuantConfig(vector="naive", direction_bits=16).precision() == "w8a8-naive-dir16"  # the attention's grid
     fresh = quantize_model(tiny_model(torch.float64, seed=4), QuantConfig(direction_bits=16))
     assert set(grids(fresh)) == {32767}
     with pytest.raises(QSO3Error, match="direction_bits 17"):

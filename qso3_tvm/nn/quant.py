@@ -284,7 +284,7 @@ class QuantConfig:
         'w8a8-mddq-float-head'."""
         if self.weight_only:
             return f"w{self.w_bits}"
-        dirs = f"-dir{self.direction_bits}" if self.vector == "mddq" and self.direction_bits != 8 else ""
+        dirs = f"-dir{self.direction_bits}" if self.direction_bits != 8 else ""  # MDDQ's and the attention's grids
         return f"w{self.w_bits}a{self.a_bits}-{self.vector}{dirs}" + ("-float-head" if self.float_head else "")
 
 
