@@ -181,8 +181,9 @@ def direction_bits_cmd(
 
 
 def _write_converted(model: str, out: Path, convert, **meta) -> None:
-    from .nn.checkpoint import load_model, load_payload, save_model
+    from .nn.checkpoint import check_checkpoint_output, load_model, load_payload, save_model
 
+    check_checkpoint_output(out)
     converted = convert(load_model(model))
     save_model(out, converted, **{**load_payload(model).get("meta", {}), **meta})
     typer.echo(f"wrote {out} ({converted.quant_cfg.precision()})")
@@ -191,8 +192,8 @@ def _write_converted(model: str, out: Path, convert, **meta) -> None:
 @app.command()
 @user_errors
 def evaluate(
-    model: str = typer.Argument("ethanol-fp32", help="checkpoint path or bundled model name"),
-    data: str = typer.Option(..., help="rMD17 .npz path or molecule name (test split)"),
+    model: str = typer.Argument("ethanol-fp32", help="checkpoint path, bundled model name or compiled artifact folder"),
+    data: str = typer.Option(..., help="rMD17 molecule name (test split), qm9, .npz or .extxyz"),
     lee_frames: int = typer.Option(100, help="frames used for LEE (evenly spaced)"),
     max_frames: int = typer.Option(0, help="evaluate only the first N frames (0: all)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),

@@ -9,6 +9,13 @@ import tempfile
 from pathlib import Path
 
 
+def umask_mode(folder: bool = False) -> int:
+    """The mode a plain open() or mkdir() would give under the user's umask (mkstemp and mkdtemp give 0600 / 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp"):
     """Yield a temporary path next to `path` (unique name ending in `suffix`); renamed to `path` only if
@@ -20,6 +27,8 @@ def atomic_path(path: str | Path, suffix: str = ".tmp"):
     tmp = Path(name)
     try:
         yield tmp
+        if tmp.exists():
+            tmp.chmod(umask_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -65,7 +65,25 @@ def test_bench_rejects_bad_input(tmp_path):
     assert r.exit_code == 2 and "unknown route" in r.output
     r = runner.invoke(app, ["bench", "--tvm-int8", str(tmp_path), "--report-dir", str(tmp_path)])
     assert r.exit_code == 2 and "not a compiled artifact" in r.output
-    assert not (tmp_path / "bench.md").exists()
+    r = runner.invoke(app, ["bench", "--routes", "", "--report-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "nothing to measure: --routes empty" in r.output
+    r = runner.invoke(app, ["bench", "--workloads", "qm9-b0", "--routes", "eager-fp32", "--report-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown workload 'qm9-b0'" in r.output
+    assert not (tmp_path / "bench.md").exists() and not (tmp_path / "bench").exists()
+
+
+def test_bench_hands_workers_absolute_paths(tmp_path, monkeypatch):
+    """Workers run in the work folder: a model or artifact given relative to the user's folder must still be found."""
+    from qso3_tvm.apps.bench.run import BenchConfig, _check_config
+
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text("{}")
+    (tmp_path / "fp.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    cfg = BenchConfig(tvm_fp32="art", model_fp32="fp.pt")
+    _check_config(cfg)
+    assert cfg.tvm_fp32 == str(tmp_path.resolve() / "art") and cfg.model_fp32 == str(tmp_path.resolve() / "fp.pt")
+    assert cfg.model_int8 == "ethanol-int8"  # a bundled name stays a name
 
 
 def test_mac_count_matches_torch_counter():

@@ -58,6 +58,8 @@ def test_evaluate_bundled_model_text(ethanol_test):
     (["evaluate", "nope.pt", "--data", "ethanol"], "error: model not found: nope.pt"),
     (["evaluate", "ethanol-fp32", "--data", "missing.npz"], "error: dataset file not found: missing.npz"),
     (["train", "--data", "ethanol", "--attention", "cosine"], "error: --attention must be"),
+    (["evaluate", "ethanol-fp32", "--data", "ethanol", "--lee-frames", "-3"], "error: --lee-frames must be >= 1"),
+    (["evaluate", "ethanol-fp32", "--data", "ethanol", "--max-frames", "-1"], "error: --lee-frames must be >= 1 and --max-frames >= 0"),
 ])
 def test_cli_errors_are_one_line(args, message):
     r = runner.invoke(app, args)

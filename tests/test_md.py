@@ -197,12 +197,32 @@ def test_interrupted_run_leaves_no_summary(ethanol, tmp_path, monkeypatch):
     (["--frame", "999"], "--frame 999 out of range"),
     (["--time-ps", "1"], "not both"),
     (["--ensemble", "npt"], "--ensemble must be one of"),
+    (["--temperature", "nan"], "not a finite number: --temperature nan"),
+    (["--max-com-distance", "nan"], "not a finite number: --max-com-distance nan"),
 ])
 def test_md_cli_bad_input(args, message, eager_ckpt, ethanol_test, tmp_path):
     base = ["md", str(eager_ckpt), "--data", str(ethanol_test), "-o", str(tmp_path / "out"), "--steps", "5"]
     r = runner.invoke(app, base + args)
     assert r.exit_code == 2 and message in r.stderr and r.stderr.startswith("error:")
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_md_input_error_keeps_the_earlier_run(eager_ckpt, ethanol_test, ethanol, tmp_path):
+    """A run that fails on its input (here an element the model does not know, or a lone atom) changes
+    nothing in the output folder of an earlier run."""
+    from ase.io import write
+
+    out = tmp_path / "out"
+    base = ["md", str(eager_ckpt), "-o", str(out), "--steps", "2"]
+    assert runner.invoke(app, base + ["--data", str(ethanol_test)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    ethanol.numbers[0] = 16
+    write(tmp_path / "sulfur.extxyz", ethanol)
+    write(tmp_path / "lone.extxyz", ethanol[:1])
+    for data, message in [("sulfur.extxyz", "Z=[16] not known"), ("lone.extxyz", "at least 2 atoms")]:
+        r = runner.invoke(app, base + ["--data", str(tmp_path / data)])
+        assert r.exit_code == 2 and message in r.stderr and r.stderr.startswith("error:"), r.output
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # ---------------------------------------------------------------- multiple time stepping (RESPA)

@@ -152,6 +152,15 @@ def test_cli_quantize_w8_post_training_and_float_head(tmp_path, ethanol_train):
                           (["train", "--data", str(ethanol_train), "-o", str(tmp_path / "t"), "--epochs", "0"], "quantize only")):
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    # outputs that are not what the command writes: refused, left as they were
+    (tmp_path / "notes.txt").write_text("mine")
+    for args, message in ((["float-head", str(tmp_path / "q" / "best.pt"), "-o", str(tmp_path / "notes.txt")], "not a qso3-tvm checkpoint"),
+                          (["direction-bits", str(tmp_path / "fh.pt"), "16", "-o", str(tmp_path)], "is a folder"),
+                          (["quantize", str(tmp_path / "fp32.pt"), "-o", str(tmp_path / "notes.txt"), *common], "not a folder"),
+                          (["train", "--data", str(ethanol_train), "-o", str(tmp_path / "notes.txt"), "--epochs", "1"], "not a folder")):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from qso3_tvm.cli import app
 from qso3_tvm.compiler.compile import compile_model
 from qso3_tvm.errors import QSO3Error
-from qso3_tvm.files import atomic_path
+from qso3_tvm.files import atomic_path, atomic_write, umask_mode
 from qso3_tvm.graph.convention import MANIFEST, manifest_checksum, read_manifest
 from qso3_tvm.graph.molecules import MoleculeSet, random_molecule
 from qso3_tvm.nn.checkpoint import load_model, load_payload, save_model
@@ -78,6 +78,19 @@ def test_compile_refuses_a_folder_it_did_not_write(tiny, tmp_path, monkeypatch):
     assert (keep / "notes.txt").read_text() == "precious"
 
 
+def test_compile_refuses_an_artifact_folder_holding_other_files(artifact, tiny, tmp_path):
+    """compile replaces an artifact folder as a whole: other files there (notes, runs, the very checkpoint being
+    compiled) make it refuse, before anything is built."""
+    dst = artifact_copy(artifact, tmp_path)
+    shutil.copy(tiny, dst / "my.pt")
+    (dst / "runs").mkdir()
+    (dst / "runs" / "log.csv").write_text("x")
+    before = sorted(p.name for p in dst.iterdir())
+    code, out = cli("compile", dst / "my.pt", "--target", "x86-64", "-o", dst)
+    assert_one_line_error(code, out, "other files", "my.pt", "runs")
+    assert sorted(p.name for p in dst.iterdir()) == before and (dst / "runs" / "log.csv").read_text() == "x"
+
+
 def test_compile_replaces_an_earlier_artifact_only_when_done(artifact, tiny, tmp_path):
     dst = artifact_copy(artifact, tmp_path)
     before = (dst / "model.so").read_bytes()
@@ -85,6 +98,7 @@ def test_compile_replaces_an_earlier_artifact_only_when_done(artifact, tiny, tmp
     assert info["library_sha256"] and read_manifest(dst)["created"] >= read_manifest(artifact)["created"]
     assert (dst / "model.so").read_bytes()[:4] == before[:4]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+    assert dst.stat().st_mode & 0o777 == umask_mode(folder=True)  # not mkdtemp's 0700
 
 
 def test_atomic_path_unique_temp_and_nothing_left_after_failure(tmp_path):
@@ -97,6 +111,21 @@ def test_atomic_path_unique_temp_and_nothing_left_after_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("interrupted")
     assert target.read_text() in ("1", "2") and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600): the finished file gets the mode open() would give."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", "{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write(tmp_path / "b.json", "{}")
+        assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
 
 
 def test_md_refuses_foreign_folder(artifact, ethanol_test, tmp_path):
@@ -202,6 +231,16 @@ def test_rpc_session_has_no_client_side_time_limit(monkeypatch):
     assert seen == {"key": "qso3", "session_timeout": 0}
 
 
+@pytest.mark.parametrize("args,words", [
+    (["profile", "ART", "--rpc", "127.0.0.1:99999"], "port 1..65535"),
+    (["profile", "ART", "--rpc", "127.0.0.1:9090", "--number", "0"], "--repeat and --number must be >= 1"),
+    (["board", "native", "--port", "99999"], "--port must be 1..65535"),
+])
+def test_board_options_out_of_range(artifact, args, words):
+    code, out = cli(*[artifact if a == "ART" else a for a in args])
+    assert_one_line_error(code, out, words)
+
+
 # ---------------------------------------------------------------- inputs: one line, exit 2, same answer everywhere
 def write_npz(path, **overrides):
     z = np.array([6, 1, 1, 8])
@@ -216,6 +255,7 @@ def write_npz(path, **overrides):
     ("truncated", "not a readable .npz"),
     ("strings", "must be integers"),
     ("empty", "atomic numbers"),
+    ("fractional", "atomic numbers"),
     ("no_frames", "no frames"),
     ("extxyz", "not a readable extxyz"),
 ])
@@ -225,6 +265,8 @@ def test_malformed_data_gives_one_line(tmp_path, case, words):
         (path := tmp_path / "bad.npz").write_bytes(good[: len(good) // 2])
     elif case == "strings":
         path = write_npz(tmp_path / "bad.npz", nuclear_charges=np.array(["C", "H", "H", "O"]))
+    elif case == "fractional":
+        path = write_npz(tmp_path / "bad.npz", nuclear_charges=np.array([6.5, 1, 1, 8]))
     elif case == "empty":
         path = write_npz(tmp_path / "bad.npz", nuclear_charges=np.zeros(0, int), coords=np.zeros((2, 0, 3)),
                          forces=np.zeros((2, 0, 3)))

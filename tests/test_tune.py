@@ -203,6 +203,9 @@ def test_failed_tuning_leaves_no_empty_database(tiny, tuned_db, monkeypatch):
     r = CliRunner().invoke(app, ["tune", str(tiny / "tiny.pt"), "--target", "x86-64", "--bucket", "12,81,2",
                                  "--work-dir", str(tiny / "db_never")])
     assert r.exit_code == 2 and "must be even" in r.output and not (tiny / "db_never").exists()
+    r = CliRunner().invoke(app, ["tune", str(tiny / "tiny.pt"), "--target", "x86-64", "--rpc-tracker", "127.0.0.1:1",
+                                 "--rpc-key", "x", "--work-dir", str(tiny / "db_never")])
+    assert r.exit_code == 2 and "tracker" in r.output and not (tiny / "db_never").exists(), r.output
 
     def broken(*args, **kwargs):
         raise RuntimeError("interrupted")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import QSO3Error
 from ..graph.convention import MANIFEST
 from ..graph.datasets import load_dataset
 from ..graph.metrics import error_metrics, lee_metric
@@ -16,6 +17,8 @@ from ..runtime.compiled import CompiledModel
 def evaluate(model: str, data: str, lee_frames: int = 100, max_frames: int = 0) -> dict:
     """Energy/force MAE and LEE of a checkpoint or compiled artifact on a dataset
     (molecule names resolve to the test split). The model is checked before the data is read."""
+    if lee_frames < 1 or max_frames < 0:
+        raise QSO3Error(f"--lee-frames must be >= 1 and --max-frames >= 0 (0: all), not {lee_frames} and {max_frames}")
     compiled_dir = (Path(model) / MANIFEST).is_file()
     net = None if compiled_dir else load_model(model)
     mols = load_dataset(data, split="test")

@@ -2,7 +2,8 @@
 
 OUTDIR gets traj.extxyz (every `traj_every` steps), log.csv (step, time, Epot, Ekin, Etot, T),
 energy.png and summary.json. Each file is written to a temporary name and renamed when complete;
-summary.json is written last, so an interrupted run leaves no summary (and no half-written file).
+summary.json is written last (a run stopped by Ctrl-C still gets one, with `aborted` saying why), and no
+file is ever half-written; a run that fails on its input touches nothing in OUTDIR.
 
 Checks (summary["stability"]), all from the start geometry:
 - bonds: pairs closer than 1.2 × the sum of covalent radii; flagged if one stretches beyond 1.5× or
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,6 +65,13 @@ class MDConfig:
             raise QSO3Error(f"--mts-every must be an integer >= 1, not {self.mts_every!r}")
         if self.log_every is None:
             self.log_every = self.mts_every if self.mts_model else 1
+        finite = {"--dt-fs": self.dt_fs, "--temperature": self.temperature, "--friction": self.friction,
+                  "--max-com-distance": self.max_com_distance, "--time-ps": self.time_ps}
+        bad = [f"{k} {v}" for k, v in finite.items() if v is not None and not math.isfinite(v)]
+        if bad:
+            raise QSO3Error(f"not a finite number: {', '.join(bad)}")
+        if self.max_com_distance <= 0 or (self.time_ps is not None and self.time_ps <= 0):
+            raise QSO3Error("--max-com-distance and --time-ps must be > 0")
         if self.dt_fs <= 0 or self.temperature < 0 or self.friction < 0 or self.traj_every < 1 or self.log_every < 1:
             raise QSO3Error("--dt-fs must be > 0; --temperature, --friction >= 0; --traj-every, --log-every >= 1")
         n = self.steps if self.steps is not None else (round(self.time_ps * 1000 / self.dt_fs) if self.time_ps is not None else 1000)
@@ -309,8 +318,8 @@ def run_md(atoms, calc, cfg: MDConfig, outdir: str | Path, meta: dict | None = N
 
     n_steps, outdir = cfg.n_steps(), Path(outdir)
     check_outdir(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "summary.json").unlink(missing_ok=True)  # never leave a stale summary beside new files
+    if len(atoms) < 2:
+        raise QSO3Error(f"MD needs at least 2 atoms (the start geometry has {len(atoms)}): a lone atom has no forces")
     atoms = atoms.copy()
     atoms.calc = calc
     if cfg.ensemble == "langevin":  # ASE's recommended way to keep the centre of mass fixed in Langevin
@@ -319,6 +328,8 @@ def run_md(atoms, calc, cfg: MDConfig, outdir: str | Path, meta: dict | None = N
         atoms.set_constraint(FixCom())
     init_velocities(atoms, cfg.temperature, cfg.seed)
     atoms.get_forces()  # input errors (unknown element, size limits) surface here, before any file is written
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "summary.json").unlink(missing_ok=True)  # never leave a stale summary beside new files
     dyn = make_dynamics(atoms, cfg, conservative)
     monitor = Monitor(atoms, dyn, cfg)
     dyn.attach(monitor.record, interval=cfg.log_every)

@@ -139,6 +139,8 @@ def start_board(cpu: str | None = None, port: int = 9090, host: str = "127.0.0.1
     `timeout`: longest session (0: none); `handshake_timeout`, `idle_timeout`: seconds (None: the
     firmware's defaults, 5 and 600). The board logs to `board.log_path` in its work dir, and exits
     when this process does."""
+    if not 1 <= port <= 65535:
+        raise QSO3Error(f"--port must be 1..65535, not {port}")
     args = ["--host", host, "--port", str(port), "--key", key, "--timeout", str(timeout), "--parent-pid", str(os.getpid())]
     if tracker:
         args += ["--tracker", tracker]

@@ -24,6 +24,8 @@ PROFILE_TOL_MEV = {"fp32": (0.5, 0.5), "quantized": (30.0, 50.0)}  # see compile
 def profile(artifact: str | Path, rpc: str | None = None, tracker: str | None = None, key: str | None = None,
             repeat: int = 10, number: int = 1, report_dir: str | Path | None = "reports", log=print) -> dict:
     """Verify and time an artifact on a board; writes the report pair unless report_dir is None."""
+    if repeat < 1 or number < 1:
+        raise QSO3Error(f"--repeat and --number must be >= 1, not {repeat} and {number}")
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     session = connect(rpc, tracker, key)

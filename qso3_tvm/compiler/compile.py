@@ -23,7 +23,7 @@ import torch
 
 from .. import __version__
 from ..errors import QSO3Error
-from ..files import log_tail, sha256
+from ..files import log_tail, sha256, umask_mode
 from ..graph.convention import (
     ENTRY_POINTS,
     MANIFEST,
@@ -206,8 +206,9 @@ def compile_model(model_spec: str, target: str, out: str | Path, check: bool = T
                 info["parity"] = check_parity(model, tmp, info, log)
         else:
             info["parity"] = None
-            log(f"parity check skipped: target {spec.name} does not run on this machine")
+            log("parity check skipped: " + ("--no-check" if spec.local else f"target {spec.name} does not run on this machine"))
         write_manifest(tmp, info)
+        tmp.chmod(umask_mode(folder=True))
         replace_dir(tmp, out)
     except BaseException:
         last = log_tail(tmp / BUILD_LOG, 15)
@@ -261,10 +262,19 @@ def is_artifact(path: Path) -> bool:
         return False
 
 
+ARTIFACT_FILES = (LIBRARY, MANIFEST, BUILD_LOG)  # all that compile writes into an artifact folder
+
+
 def check_output_dir(out: Path) -> None:
-    """Refuse an output that is not new, not an empty folder and not an earlier artifact: never delete
-    what we did not write."""
-    if not out.exists() or is_artifact(out):
+    """Refuse an output that is not new, not an empty folder and not an earlier artifact holding only its own
+    files: the folder is replaced as a whole, so never delete what we did not write."""
+    if not out.exists():
+        return
+    if is_artifact(out):
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ARTIFACT_FILES)
+        if foreign:
+            raise QSO3Error(f"output folder {out} holds an earlier artifact and other files ({', '.join(foreign[:5])}); "
+                            "compile replaces the whole folder: move them or choose another -o (nothing was changed)")
         return
     if not out.is_dir():
         raise QSO3Error(f"output {out} exists and is not a folder: choose another -o")

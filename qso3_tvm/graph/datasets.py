@@ -73,7 +73,7 @@ def load_rmd17(spec: str | Path, split: str = "train") -> MoleculeSet:
         energies, forces = data["energies"].astype(np.float64).reshape(-1), data["forces"].astype(np.float64)
     except (TypeError, ValueError) as e:
         raise QSO3Error(f"{path}: nuclear_charges must be integers, coords/energies/forces numbers ({e})") from None
-    if z.ndim != 1 or len(z) == 0 or (z < 1).any() or (z > 118).any():
+    if z.ndim != 1 or len(z) == 0 or (z < 1).any() or (z > 118).any() or (z != data["nuclear_charges"]).any():
         raise QSO3Error(f"{path}: nuclear_charges must be a non-empty list of atomic numbers 1..118")
     if coords.ndim != 3 or coords.shape[1:] != (len(z), 3) or forces.shape != coords.shape or len(energies) != len(coords):
         raise QSO3Error(f"{path}: coords {coords.shape} / forces {forces.shape} / energies {energies.shape} do not match "

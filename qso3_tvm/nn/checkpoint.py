@@ -79,6 +79,20 @@ def load_payload(spec: str | Path) -> dict:
     return payload
 
 
+def check_checkpoint_output(out: str | Path) -> None:
+    """The -o of a command that writes one checkpoint: a new path, or an earlier checkpoint (replaced); never a
+    folder or another file."""
+    out = Path(out)
+    if out.is_dir():
+        raise QSO3Error(f"output {out} is a folder: give the path of a checkpoint file (.pt)")
+    if out.exists():
+        try:
+            load_payload(out)
+        except QSO3Error:
+            raise QSO3Error(f"output {out} exists and is not a qso3-tvm checkpoint: choose another -o (nothing was "
+                            "changed)") from None
+
+
 def build_model(config: dict, quant: dict | None = None) -> So3krates:
     """An untrained model of a saved config; fake-quantized when a quant config is given."""
     model = So3krates(ModelConfig.from_dict(config))

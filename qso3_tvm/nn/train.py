@@ -236,6 +236,8 @@ class Trainer:
 
 def start_run(cfg: TrainConfig, resume: bool) -> dict | None:
     """Set torch threads; the state of an interrupted run (out/last.pt) when resuming, else None."""
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise QSO3Error(f"output {cfg.out} exists and is not a folder: -o names the run folder")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     last = Path(cfg.out) / "last.pt"
@@ -267,7 +269,7 @@ def train_qat(cfg: TrainConfig, fp32_model: str, qcfg, resume: bool = True) -> d
     from .checkpoint import build_model, load_model
     from .quant import param_groups, quantize_model, set_stage
 
-    state = start_run(cfg, resume) if cfg.epochs else None
+    state = start_run(cfg, resume and cfg.epochs > 0)
     base = None if state is not None else load_model(fp32_model)  # model errors before reading data
     if base is not None and getattr(base, "quant_cfg", None) is not None:
         raise QSO3Error(f"{fp32_model} is already quantized: quantize starts from an fp32 checkpoint")

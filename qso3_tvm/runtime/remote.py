@@ -21,8 +21,8 @@ TRACKER_ENV = ("TVM_TRACKER_HOST", "TVM_TRACKER_PORT", "TVM_TRACKER_KEY")
 
 def split_addr(addr: str, what: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise QSO3Error(f"{what} must be HOST:PORT, not {addr!r}")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise QSO3Error(f"{what} must be HOST:PORT with a port 1..65535, not {addr!r}")
     return host, int(port)
 
 

@@ -126,7 +126,7 @@ def workload_molecules(name: str, species: tuple[int, ...]) -> tuple[list, str]:
         with np.load(str(resources.files("qso3_tvm") / "models" / "samples.npz")) as npz:
             numbers, coords = npz[f"{mol}_numbers"], npz[f"{mol}_coords"][0]
         return [(numbers, coords)], f"rMD17 {mol} frame (packaged samples.npz)"
-    if name.startswith("qm9-b") and name[5:].isdigit():
+    if name.startswith("qm9-b") and name[5:].isdigit() and int(name[5:]) > 0:
         return qm9_molecules(int(name[5:]), species)
     raise QSO3Error(f"unknown workload {name!r} (ethanol-b1, aspirin-b1, qm9-bN)")
 
@@ -427,6 +427,10 @@ def _measure(cfg: BenchConfig, threads: int, routes: list[str], prepared: dict, 
 
 # ---------------------------------------------------------------- the run
 def _check_config(cfg: BenchConfig) -> None:
+    empty = [opt for opt, given in (("--routes", cfg.routes), ("--workloads", cfg.workloads), ("--modes", cfg.modes))
+             if not given]
+    if empty:
+        raise QSO3Error(f"nothing to measure: {', '.join(empty)} empty")
     bad = [r for r in cfg.routes if r not in ROUTES]
     if bad:
         raise QSO3Error(f"unknown route(s) {bad}; choose from {list(ROUTES)}")
@@ -438,6 +442,15 @@ def _check_config(cfg: BenchConfig) -> None:
     for given in (getattr(cfg, r.artifact_option) for r in ROUTE_TABLE if r.artifact_option):
         if given and not (Path(given) / "manifest.json").is_file():
             raise QSO3Error(f"{given}: not a compiled artifact (no manifest.json)")
+    _absolute_paths(cfg)
+
+
+def _absolute_paths(cfg: BenchConfig) -> None:
+    """Paths the user gave relative to here, made absolute: the workers run in the work folder."""
+    for name in ("model_fp32", "model_int8", "tvm_fp32", "tvm_int8", "tvm_int8_tuned", "tuning_records"):
+        given = getattr(cfg, name)
+        if given and Path(given).exists():
+            setattr(cfg, name, str(Path(given).resolve()))
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:

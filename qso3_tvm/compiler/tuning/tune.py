@@ -174,13 +174,13 @@ def tune(model_spec: str, target: str, trials: int, work_dir: str | Path | None 
     work = Path(work_dir) if work_dir else default_work_dir(model_spec, spec.name)
     prev = read_tasks_file(work)
     bks = [Bucket.parse(b) for b in (buckets or prev.get("buckets") or ["ethanol"])]
-    created = not work.exists()
-    db = open_database(work)
+    created, runner = not work.exists(), None
     per_task = trials_per_task or min(trials, 8)
-    builder, runner, where = make_builder_runner(spec, rpc_tracker, rpc_key, None)
-    log(f"tuning {model_path.name} for {spec.name} ({json.dumps(spec.target)}), buckets "
-        f"{[b.text for b in bks]}, {trials} trials (≤ {per_task} per task), measured on {where}; database {work}")
     try:
+        db = open_database(work)
+        builder, runner, where = make_builder_runner(spec, rpc_tracker, rpc_key, None)  # fails on a dead tracker
+        log(f"tuning {model_path.name} for {spec.name} ({json.dumps(spec.target)}), buckets "
+            f"{[b.text for b in bks]}, {trials} trials (≤ {per_task} per task), measured on {where}; database {work}")
         use_profile = rank == "profile" or (rank is None and spec.local and not rpc_tracker)
         ranked = rank_tasks(model, bks, tgt, use_profile, log)
         chosen = choose_tasks(ranked, prev, trials, per_task, max_tasks, log)
