@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,12 +126,39 @@ def tune_task(r: Ranked, todo: int, ctx_args: dict, logger, log) -> None:
                   cost_model=ctx_args["cost_model"], task_scheduler="round-robin")
 
 
-def tune_chosen(chosen: list[Ranked], before: dict, trials: int, per_task: int, ctx_args: dict, log) -> list[dict]:
+class Interrupts:
+    """Ctrl-C and SIGTERM during tuning. A signal that arrives while TVM runs C++ (task extraction, builder and
+    runner futures) comes back as an ordinary error, which MetaSchedule and our informative measurements catch and
+    carry on from: the signal is remembered here and raised again as KeyboardInterrupt at the next step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.seen, self.old = False, {}
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, *_):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def tune_chosen(chosen: list[Ranked], before: dict, trials: int, per_task: int, ctx_args: dict, log,
+                check_interrupt=lambda: None) -> list[dict]:
     """Tune the chosen tasks in order until the trial budget is spent; a row per task tuned."""
     db = ctx_args["db"]
     loggers = meta_schedule_loggers(ctx_args["work_dir"], [r.task.task_name for r in chosen])
     rows, spent = [], 0
     for idx, r in enumerate(chosen):
+        check_interrupt()
         if spent >= trials:
             break
         tmod = r.task.dispatched[0]
@@ -176,6 +205,7 @@ def tune(model_spec: str, target: str, trials: int, work_dir: str | Path | None 
     bks = [Bucket.parse(b) for b in (buckets or prev.get("buckets") or ["ethanol"])]
     created, runner = not work.exists(), None
     per_task = trials_per_task or min(trials, 8)
+    interrupts = Interrupts()
     try:
         db = open_database(work)
         builder, runner, where = make_builder_runner(spec, rpc_tracker, rpc_key, None)  # fails on a dead tracker
@@ -183,18 +213,21 @@ def tune(model_spec: str, target: str, trials: int, work_dir: str | Path | None 
             f"{[b.text for b in bks]}, {trials} trials (≤ {per_task} per task), measured on {where}; database {work}")
         use_profile = rank == "profile" or (rank is None and spec.local and not rpc_tracker)
         ranked = rank_tasks(model, bks, tgt, use_profile, log)
+        interrupts.check()
         chosen = choose_tasks(ranked, prev, trials, per_task, max_tasks, log)
         before = untuned_times(chosen, prev, tgt, builder, runner, log)
+        interrupts.check()
         cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(), adaptive_training=True)
         ctx_args = {"target": tgt, "seed": seed, "work_dir": str(work), "builder": builder, "runner": runner,
                     "db": db, "cost_model": cost_model}
         t_start = time.time()
-        rows = tune_chosen(chosen, before, trials, per_task, ctx_args, log)
+        rows = tune_chosen(chosen, before, trials, per_task, ctx_args, log, interrupts.check)
     except BaseException:  # failed or interrupted: a database this run created and filled with nothing goes
         if created and not _has_records(work):
             shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
+        interrupts.restore()
         if getattr(runner, "pool", None) is not None:  # LocalRunner keeps worker processes alive otherwise
             runner.pool.shutdown()
     return write_summary(work, prev, rows, {
